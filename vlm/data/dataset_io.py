@@ -1,0 +1,220 @@
+"""The one Parquet format every dataset split is stored in.
+
+Every source (the synthetic scenes, and later COCO captions, VQAv2 and JSONL imports) lands in the same
+layout so that embedding, training and evaluation code never needs to know where the data came from:
+one Parquet file per split, one row per image, with all of the image's captions and question/answer
+pairs. Images are kept as the original encoded PNG/JPEG bytes (not decoded pixels) because that is
+~10x smaller and lets each consumer resize however its backbone wants.
+
+Writing streams row groups through a ParquetWriter, so a split of any size needs only one row group
+in memory, and it is atomic: the file appears under its final name only once it is complete.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+
+DATASET_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        # Encoded PNG/JPEG bytes, exactly as produced by the source.
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("captions", pa.list_(pa.string()), nullable=False),
+        pa.field("questions", pa.list_(pa.string()), nullable=False),
+        # One or more human answers per question (VQAv2 has 10, synthetic data has 1).
+        pa.field("answers", pa.list_(pa.list_(pa.string())), nullable=False),
+        # Parallel to `questions`, e.g. "color", "count", "yes/no".
+        pa.field("question_types", pa.list_(pa.string()), nullable=False),
+    ]
+)
+COLUMNS: tuple[str, ...] = tuple(DATASET_SCHEMA.names)
+
+# File signatures of the accepted encodings; checking them at write time is cheap and turns a
+# confusing decode failure deep inside training into an error at import time.
+_IMAGE_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
+
+
+class DatasetError(ValueError):
+    """A dataset split or record does not follow the format described in this module."""
+
+
+def write_split(
+    records: Iterable[Mapping[str, Any]],
+    path: Path,
+    row_group_size: int = 256,
+    metadata: Mapping[str, str] | None = None,
+) -> int:
+    """Stream `records` (dicts with exactly the COLUMNS keys) into the Parquet file `path`.
+
+    `metadata` is stored as the file's key-value metadata (e.g. the generator seed), readable with
+    `read_metadata`. Returns the number of rows written. If anything fails, including the records
+    iterator raising half-way, no file is left at `path` (and a previous file there is untouched).
+    """
+    path = Path(path)
+    if row_group_size < 1:
+        raise DatasetError(f"write_split({path}): row_group_size must be >= 1, got {row_group_size}")
+    schema = DATASET_SCHEMA.with_metadata(_checked_metadata(metadata, path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+    seen_ids: set[str] = set()
+    buffer: list[Mapping[str, Any]] = []
+    writer: pq.ParquetWriter | None = None
+    try:
+        writer = pq.ParquetWriter(tmp_path, schema, compression="zstd")
+        for record in records:
+            validate_record(record)
+            image_id = record["image_id"]
+            if image_id in seen_ids:
+                raise DatasetError(f"record {image_id!r}: duplicate image_id in split {path}")
+            seen_ids.add(image_id)
+            buffer.append(record)
+            if len(buffer) == row_group_size:
+                writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
+                buffer.clear()
+        if buffer:
+            writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
+        if not seen_ids:
+            raise DatasetError(
+                f"write_split({path}): got no records; an empty split is almost always a bug "
+                "upstream (wrong filter or source path), so nothing was written"
+            )
+        writer.close()
+        writer = None
+        os.replace(tmp_path, path)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp_path.unlink(missing_ok=True)
+    return len(seen_ids)
+
+
+def validate_record(record: Mapping[str, Any]) -> None:
+    """Raise DatasetError naming the image_id and field if `record` does not fit DATASET_SCHEMA."""
+    if not isinstance(record, Mapping):
+        raise DatasetError(f"a record must be a dict with fields {list(COLUMNS)}, got {type(record).__name__}")
+    image_id = record.get("image_id")
+    if not isinstance(image_id, str) or not image_id:
+        raise DatasetError(f"record {image_id!r}: field 'image_id' must be a non-empty string")
+
+    def fail(field: str, problem: str) -> DatasetError:
+        return DatasetError(f"record {image_id!r}: field {field!r} {problem}")
+
+    missing = [name for name in COLUMNS if name not in record]
+    if missing:
+        raise fail(missing[0], f"is missing (missing fields: {missing}; expected {list(COLUMNS)})")
+    unexpected = sorted(set(record) - set(COLUMNS))
+    if unexpected:
+        raise fail(unexpected[0], f"is not part of the dataset format (expected only {list(COLUMNS)})")
+
+    image = record["image"]
+    if not isinstance(image, bytes | bytearray) or not image:
+        raise fail("image", "must be non-empty encoded PNG/JPEG bytes")
+    if not any(bytes(image[: len(sig)]) == sig for sig in _IMAGE_SIGNATURES):
+        raise fail("image", "is neither PNG nor JPEG bytes; re-encode the image as PNG or JPEG")
+
+    for field in ("captions", "questions", "question_types"):
+        _check_string_list(record[field], fail, field)
+    questions, answers, types = record["questions"], record["answers"], record["question_types"]
+    if not isinstance(answers, list | tuple):
+        raise fail("answers", f"must be a list (one answer list per question), got {type(answers).__name__}")
+    for field, values in (("answers", answers), ("question_types", types)):
+        if len(values) != len(questions):
+            raise fail(field, f"has {len(values)} entries but there are {len(questions)} questions")
+    for index, question_answers in enumerate(answers):
+        _check_string_list(question_answers, fail, f"answers[{index}]")
+        if not question_answers:
+            raise fail(f"answers[{index}]", "is empty; every question needs at least one answer")
+
+
+def _check_string_list(values: Any, fail: Callable[[str, str], DatasetError], field: str) -> None:
+    if not isinstance(values, list | tuple):
+        raise fail(field, f"must be a list of strings, got {type(values).__name__}")
+    for value in values:
+        if not isinstance(value, str) or not value:
+            raise fail(field, f"must contain only non-empty strings, found {value!r}")
+
+
+def read_split(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """Read a whole split (or only `columns`) into memory after checking its format."""
+    parquet_file = _open_split(path, columns)
+    return parquet_file.read(columns=columns)
+
+
+def iter_split(
+    path: Path, columns: list[str] | None = None, batch_size: int = 256
+) -> Iterator[dict[str, Any]]:
+    """Stream a split as one dict per row, holding only `batch_size` rows in memory at a time."""
+    parquet_file = _open_split(path, columns)
+    for batch in parquet_file.iter_batches(batch_size=batch_size, columns=columns):
+        yield from batch.to_pylist()
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The key-value metadata that `write_split` stored in the file."""
+    raw = _open_split(path, None).schema_arrow.metadata or {}
+    # pyarrow keeps its own bookkeeping under "ARROW:" keys; those are not ours.
+    return {
+        key.decode(): value.decode() for key, value in raw.items() if not key.startswith(b"ARROW:")
+    }
+
+
+def decode_image(data: bytes, image_id: str = "<unknown>") -> Image.Image:
+    """Decode stored image bytes to an RGB PIL image; corrupt data raises DatasetError naming `image_id`."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # Image.open is lazy; force the full decode so truncation is caught here.
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(
+            f"image {image_id!r}: cannot decode its {len(data)} stored bytes ({exc}); the split is "
+            "corrupt, re-create it"
+        ) from exc
+    return image.convert("RGB")
+
+
+def _open_split(path: Path, columns: list[str] | None) -> pq.ParquetFile:
+    """Open `path` and check that it is a non-empty split in DATASET_SCHEMA."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset split {path} does not exist; run the stage that creates it (e.g. `dvc repro`)")
+    try:
+        parquet_file = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DatasetError(f"dataset split {path} is not a readable Parquet file ({exc})") from exc
+
+    schema = parquet_file.schema_arrow
+    missing = [name for name in COLUMNS if name not in schema.names]
+    mistyped = [
+        f"{field.name} is {schema.field(field.name).type}, expected {field.type}"
+        for field in DATASET_SCHEMA
+        if field.name in schema.names and not schema.field(field.name).type.equals(field.type)
+    ]
+    if missing or mistyped:
+        raise DatasetError(
+            f"dataset split {path} does not have the dataset schema: missing columns {missing}, "
+            f"wrong types {mistyped}; write it with vlm.data.dataset_io.write_split"
+        )
+    unknown = [name for name in columns or [] if name not in schema.names]
+    if unknown:
+        raise DatasetError(f"dataset split {path}: unknown columns requested {unknown}; available: {schema.names}")
+    if parquet_file.metadata.num_rows == 0:
+        raise DatasetError(f"dataset split {path} has no rows; re-create it")
+    return parquet_file
+
+
+def _checked_metadata(metadata: Mapping[str, str] | None, path: Path) -> dict[str, str]:
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise DatasetError(
+                f"write_split({path}): metadata must map str to str, got {key!r}: {value!r}; "
+                "serialise values first (e.g. json.dumps)"
+            )
+    return dict(metadata or {})

@@ -1,0 +1,134 @@
+"""Image-text retrieval with the stage-1 Q-Former, evaluated the BLIP-2 way.
+
+1. Rank every text for every image (and vice versa) by ITC similarity: recall@1/5/10.
+2. Re-rank each query's ITC top-k candidates with the ITM head (score = match probability + ITC cosine, as
+   BLIP-2 does): recall@1 after re-ranking. ITM is far more expensive (one joint pass per pair), hence the top-k.
+
+Recalls are fractions in [0, 1]. Image-to-text counts a hit when ANY caption of the image is within the top K.
+Image embeddings are read twice (ITC, then the ITM pairs), so they must come as a tensor or a re-iterable of
+batches (e.g. a list or a DataLoader); the similarity matrix [N images, M texts] is kept in memory as float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from vlm.losses import itc_similarity
+from vlm.models.qformer import QFormer
+
+RECALL_KS = (1, 5, 10)
+
+
+def _image_batches(image_embeds: torch.Tensor | Iterable[torch.Tensor], batch_size: int,
+                   device: torch.device) -> Iterator[torch.Tensor]:
+    batches = image_embeds.split(batch_size) if isinstance(image_embeds, torch.Tensor) else image_embeds
+    for batch in batches:
+        yield batch.to(device)
+
+
+def recall_at_k(is_hit: torch.Tensor, k: int) -> float:
+    """Fraction of rows with a hit among their first k candidates; is_hit [R, C] follows the ranking, best first."""
+    return is_hit[:, :k].any(dim=1).float().mean().item()
+
+
+def _itm_scores(qformer: QFormer, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                batch_size: int) -> torch.Tensor:
+    """Probability of "match" for each (images[p], input_ids[p]) pair, in chunks of batch_size pairs."""
+    scores = []
+    for start in range(0, len(images), batch_size):
+        chunk = slice(start, start + batch_size)
+        output = qformer(images[chunk], input_ids[chunk], attention_mask[chunk], mode="itm")
+        scores.append(qformer.itm_logits(output.query_hidden).float().softmax(dim=-1)[:, 1])
+    return torch.cat(scores) if scores else torch.zeros(0, device=images.device)
+
+
+@torch.inference_mode()
+def retrieval_metrics(qformer: QFormer, image_embeds: torch.Tensor | Iterable[torch.Tensor], texts: list[str],
+                      text_image_index: list[int], k_rerank: int = 16, batch_size: int = 64) -> dict[str, float]:
+    """Recall metrics for N images and M texts; text j describes image text_image_index[j].
+
+    image_embeds: [N, T, Di] tensor, or a re-iterable of [b, T, Di] batches in image order.
+    Returns i2t_r1/r5/r10, t2i_r1/r5/r10 (ITC) and i2t_r1_itm, t2i_r1_itm (ITM re-ranking of the ITC top-k).
+    """
+    if len(texts) != len(text_image_index):
+        raise ValueError(f"retrieval_metrics: {len(texts)} texts but {len(text_image_index)} entries in "
+                         "text_image_index; give one image index per text.")
+    if not texts:
+        raise ValueError("retrieval_metrics: texts is empty; nothing to retrieve.")
+    if not isinstance(image_embeds, torch.Tensor) and iter(image_embeds) is image_embeds:
+        raise TypeError("retrieval_metrics: image_embeds is a one-shot iterator (e.g. a generator) but it is read "
+                        "twice; pass a tensor, a list of batches or a re-iterable such as a DataLoader.")
+    if qformer.tokenizer is None:
+        raise ValueError("retrieval_metrics: the Q-Former has no tokenizer; build it with QFormer.from_bert or "
+                         "QFormer.load from a folder that contains tokenizer files.")
+    if k_rerank < 1 or batch_size < 1:
+        raise ValueError(f"retrieval_metrics: k_rerank and batch_size must be >= 1, got {k_rerank}, {batch_size}.")
+
+    was_training = qformer.training
+    qformer.eval()  # no dropout while scoring
+    try:
+        return _compute_metrics(qformer, image_embeds, texts, text_image_index, k_rerank, batch_size)
+    finally:
+        qformer.train(was_training)
+
+
+def _compute_metrics(qformer: QFormer, image_embeds: torch.Tensor | Iterable[torch.Tensor], texts: list[str],
+                     text_image_index: list[int], k_rerank: int, batch_size: int) -> dict[str, float]:
+    device = next(qformer.parameters()).device
+    tokens = qformer.tokenizer(texts, padding="longest", truncation=True, max_length=qformer.config.max_text_len,
+                               return_tensors="pt")
+    input_ids, attention_mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+    text_features = torch.cat([qformer.text_features(qformer.encode_text(ids, mask))
+                               for ids, mask in zip(input_ids.split(batch_size), attention_mask.split(batch_size))])
+
+    # Pass 1: ITC similarity, one block of image rows at a time ([b, M, Q] intermediates stay small).
+    similarity = torch.cat([itc_similarity(qformer.image_features(qformer.encode_image(batch)), text_features).float()
+                            for batch in _image_batches(image_embeds, batch_size, device)])
+    num_images, num_texts = similarity.shape
+    image_of_text = torch.tensor(text_image_index, device=device)
+    if image_of_text.min() < 0 or image_of_text.max() >= num_images:
+        raise ValueError(f"retrieval_metrics: text_image_index must lie in [0, {num_images}) for the {num_images} "
+                         f"images given, got values in [{image_of_text.min().item()}, {image_of_text.max().item()}].")
+
+    max_k = max(RECALL_KS + (k_rerank,))
+    text_ranking = similarity.topk(min(max_k, num_texts), dim=1).indices  # [N, k] texts per image
+    image_ranking = similarity.t().topk(min(max_k, num_images), dim=1).indices  # [M, k] images per text
+    image_ids = torch.arange(num_images, device=device)
+    text_hits = image_of_text[text_ranking] == image_ids[:, None]
+    image_hits = image_ranking == image_of_text[:, None]
+    metrics = {}
+    for k in RECALL_KS:
+        metrics[f"i2t_r{k}"] = recall_at_k(text_hits, k)
+        metrics[f"t2i_r{k}"] = recall_at_k(image_hits, k)
+
+    # Pass 2: ITM on every (image, candidate) pair of the ITC top-k, visiting each image batch once.
+    text_candidates = text_ranking[:, :k_rerank]
+    image_candidates = image_ranking[:, :k_rerank]
+    text_scores = torch.full(text_candidates.shape, float("-inf"), device=device)
+    image_scores = torch.full(image_candidates.shape, float("-inf"), device=device)
+    start = 0
+    for batch in _image_batches(image_embeds, batch_size, device):
+        end = start + len(batch)
+        # Image-to-text pairs: each image of this batch with its candidate texts.
+        rows = torch.arange(start, end, device=device).repeat_interleave(text_candidates.shape[1])
+        texts_here = text_candidates[start:end].flatten()
+        itm = _itm_scores(qformer, batch[rows - start], input_ids[texts_here], attention_mask[texts_here], batch_size)
+        text_scores[start:end] = (itm + similarity[rows, texts_here]).view(end - start, -1)
+        # Text-to-image pairs whose candidate image lies in this batch.
+        in_batch = (image_candidates >= start) & (image_candidates < end)
+        text_rows, slots = in_batch.nonzero(as_tuple=True)
+        images_here = image_candidates[text_rows, slots]
+        itm = _itm_scores(qformer, batch[images_here - start], input_ids[text_rows], attention_mask[text_rows],
+                          batch_size)
+        image_scores[text_rows, slots] = itm + similarity[images_here, text_rows]
+        start = end
+    if start != num_images:
+        raise ValueError(f"retrieval_metrics: image_embeds gave {num_images} images on the first pass but {start} "
+                         "on the second; it must yield the same batches every time it is iterated.")
+    best_text = text_candidates.gather(1, text_scores.argmax(dim=1, keepdim=True))
+    best_image = image_candidates.gather(1, image_scores.argmax(dim=1, keepdim=True))
+    metrics["i2t_r1_itm"] = recall_at_k(image_of_text[best_text] == image_ids[:, None], 1)
+    metrics["t2i_r1_itm"] = recall_at_k(best_image == image_of_text[:, None], 1)
+    return metrics

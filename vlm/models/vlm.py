@@ -1,0 +1,173 @@
+"""The vision-language model: Q-Former -> MLP projector -> visual tokens inside the frozen LLM's prompt.
+
+Only three things train here: the Q-Former's image path, the projector, and LoRA matrices in the LLM.
+The backbone is never called: the model consumes cached patch embeddings [B, T, D_image].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from vlm.config import LoraConfig
+from vlm.models.projector import Projector
+from vlm.models.prompt import IGNORE_INDEX, ChatPrompt, Example
+from vlm.models.qformer import QFormer
+
+# Q-Former parts that only serve the stage-1 losses; the VLM reads queries only, so these stay frozen.
+STAGE1_ONLY = ("word_embeddings", "position_embeddings", "vision_proj", "text_proj", "itm_head", "lm_transform",
+               "lm_bias", "temp")
+VLM_CONFIG = "vlm_config.json"
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, qformer: QFormer, projector: Projector, llm: PeftModel, tokenizer, system_prompt: str,
+                 llm_source: str):
+        super().__init__()
+        self.qformer, self.projector, self.llm = qformer, projector, llm
+        self.tokenizer = tokenizer
+        self.prompt = ChatPrompt(tokenizer, system_prompt)
+        self.llm_source = llm_source  # folder of the frozen base LLM, recorded so `load` can find it again
+        self._freeze_stage1_heads()
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def create(cls, qformer_dir: Path, llm_dir: Path, projector_hidden: int, lora: LoraConfig,
+               system_prompt: str) -> VisionLanguageModel:
+        """A fresh model for training: trained Q-Former, new projector, frozen LLM wrapped with new LoRA."""
+        qformer = QFormer.load(qformer_dir)
+        base, tokenizer = _load_llm(llm_dir)
+        peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                     target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+        llm = get_peft_model(base, peft_config)  # freezes every base weight
+        projector = Projector(qformer.config.hidden_size, projector_hidden, base.config.hidden_size)
+        return cls(qformer, projector, llm, tokenizer, system_prompt, str(llm_dir))
+
+    @classmethod
+    def load(cls, model_dir: Path, llm_dir: Path | None = None) -> VisionLanguageModel:
+        """Load a model written by `save`. `llm_dir` overrides the recorded base-LLM folder."""
+        model_dir = Path(model_dir)
+        config_path = model_dir / VLM_CONFIG
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found: is {model_dir} a trained model (train_vlm output)?")
+        config = json.loads(config_path.read_text())
+        base, tokenizer = _load_llm(Path(llm_dir or config["llm_source"]))
+        llm = PeftModel.from_pretrained(base, model_dir / "adapter")
+        projector = Projector(**config["projector"])
+        projector.load_state_dict(load_file(model_dir / "projector.safetensors"))
+        qformer = QFormer.load(model_dir / "qformer")
+        return cls(qformer, projector, llm, tokenizer, config["system_prompt"], config["llm_source"]).eval()
+
+    def save(self, out_dir: Path) -> None:
+        """Q-Former, projector and LoRA adapter (peft format) into one folder, atomically."""
+        out_dir = Path(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            self.qformer.save(tmp / "qformer")
+            save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()},
+                      tmp / "projector.safetensors")
+            self.llm.save_pretrained(tmp / "adapter")
+            config = {"projector": self.projector.config(), "system_prompt": self.prompt.system_prompt,
+                      "llm_source": self.llm_source}
+            (tmp / VLM_CONFIG).write_text(json.dumps(config, indent=2))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _freeze_stage1_heads(self) -> None:
+        for name, param in self.qformer.named_parameters():
+            if name.split(".")[0] in STAGE1_ONLY or ".text_ffn." in name and self.qformer.config.separate_query_ffn:
+                param.requires_grad_(False)
+
+    def trainable_parameter_counts(self) -> dict[str, int]:
+        """How many parameters train, per part (LoRA counted inside the LLM), and how many are frozen."""
+        def count(module: nn.Module, trainable: bool) -> int:
+            return sum(p.numel() for p in module.parameters() if p.requires_grad == trainable)
+        return {
+            "trainable_qformer": count(self.qformer, True),
+            "trainable_projector": count(self.projector, True),
+            "trainable_lora": count(self.llm, True),
+            "frozen": count(self, False),
+        }
+
+    # ------------------------------------------------------------------ forward
+
+    def visual_tokens(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """[B, T, D_image] cached patch embeddings -> [B, Q, D_llm] tokens for the LLM."""
+        return self.projector(self.qformer.encode_image(image_embeds))
+
+    def build_inputs(self, image_embeds: torch.Tensor, examples: Sequence[Example], left_pad: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """inputs_embeds [B, L, D], attention_mask [B, L], labels [B, L] for a batch of examples.
+
+        Layout per row: system turn | visual tokens | user turn | answer + end-of-turn. Labels are IGNORE_INDEX
+        everywhere but the answer. Left padding for generation (all rows end together), right for training.
+        """
+        visual = self.visual_tokens(image_embeds)
+        batch, num_visual, width = visual.shape
+        embed = self.llm.get_input_embeddings()
+        prefix = torch.tensor(self.prompt.prefix_ids)
+        texts = [torch.tensor(ex.user_ids + ex.answer_ids) for ex in examples]
+        lengths = [len(prefix) + num_visual + len(t) for t in texts]
+        length = max(lengths)
+
+        # One embedding call for all text of the batch, then scatter it into place.
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.prompt.end_of_turn_id
+        ids = torch.full((batch, length), pad_id, dtype=torch.long)
+        is_visual = torch.zeros(batch, length, dtype=torch.bool)
+        mask = torch.zeros(batch, length, dtype=torch.long)
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+        for i, (ex, text, n) in enumerate(zip(examples, texts, lengths)):
+            start = length - n if left_pad else 0
+            row = slice(start, start + n)
+            ids[i, row] = torch.cat([prefix, torch.full((num_visual,), pad_id), text])
+            is_visual[i, start + len(prefix): start + len(prefix) + num_visual] = True
+            mask[i, row] = 1
+            if ex.answer_ids:
+                labels[i, start + n - len(ex.answer_ids): start + n] = torch.tensor(ex.answer_ids)
+        embeds = embed(ids).to(visual.dtype)
+        embeds = embeds.masked_scatter(is_visual[..., None], visual.reshape(-1, width))
+        return embeds, mask, labels
+
+    def forward(self, image_embeds: torch.Tensor, examples: Sequence[Example]) -> torch.Tensor:
+        """Mean cross-entropy over answer tokens (incl. end-of-turn)."""
+        embeds, mask, labels = self.build_inputs(image_embeds, examples, left_pad=False)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+
+    @torch.inference_mode()
+    def generate(self, image_embeds: torch.Tensor, instructions: Sequence[str], max_new_tokens: int = 40,
+                 num_beams: int = 1) -> list[str]:
+        """Greedy (or beam) decoding, batched with left padding and the KV cache; stops at end-of-turn."""
+        examples = [self.prompt.example(text) for text in instructions]
+        embeds, mask, _ = self.build_inputs(image_embeds, examples, left_pad=True)
+        output = self.llm.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+            do_sample=False, eos_token_id=self.prompt.end_of_turn_id,
+            pad_token_id=self.tokenizer.pad_token_id or self.prompt.end_of_turn_id,
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+
+def _load_llm(llm_dir: Path):
+    if not (Path(llm_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"{llm_dir}: no LLM folder there (config.json missing); run `dvc repro weights`")
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
+    model.requires_grad_(False)
+    return model, tokenizer
