@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_qformer import IMAGE_WIDTH, SPECIAL_TOKENS, random_text, tiny_qformer, write_tiny_bert
+from tiny_qformer import (  # noqa: F401 (single_torch_thread is an autouse fixture)
+    IMAGE_WIDTH,
+    SPECIAL_TOKENS,
+    random_text,
+    single_torch_thread,
+    tiny_qformer,
+    write_tiny_bert,
+)
 
 from vlm.models.qformer import (
     DEC_TOKEN,
@@ -74,6 +81,36 @@ def test_new_parts_and_query_ffn_initialisation(qformer):
             assert query_param.data_ptr() != text_param.data_ptr(), "query FFN must be separate, not shared"
     assert 0.01 < qformer.query_tokens.std().item() < 0.04
     assert qformer.temp.item() == pytest.approx(0.07)
+
+
+def test_queries_use_their_own_feed_forward_and_text_the_bert_one(tmp_path):
+    qformer = tiny_qformer(tmp_path)
+    images = _images()
+    ids, mask = random_text(2, 6)
+    with torch.no_grad():
+        before = qformer(images, ids, mask, mode="itc")
+        for layer in qformer.layers:
+            layer.text_ffn.dense_out.bias.add_(torch.randn(qformer.config.hidden_size))
+        text_changed = qformer(images, ids, mask, mode="itc")
+        for layer in qformer.layers:
+            layer.query_ffn.dense_out.bias.add_(torch.randn(qformer.config.hidden_size))
+        both_changed = qformer(images, ids, mask, mode="itc")
+    torch.testing.assert_close(text_changed.query_hidden, before.query_hidden)
+    assert not torch.allclose(text_changed.text_hidden, before.text_hidden)
+    torch.testing.assert_close(both_changed.text_hidden, text_changed.text_hidden)
+    assert not torch.allclose(both_changed.query_hidden, text_changed.query_hidden)
+
+
+def test_without_separate_query_ffn_queries_share_the_bert_feed_forward(tmp_path):
+    write_tiny_bert(tmp_path)
+    qformer = QFormer.from_bert(tmp_path, num_queries=3, cross_attention_freq=1, image_hidden_size=IMAGE_WIDTH,
+                                separate_query_ffn=False, max_text_len=16).eval()
+    assert all(layer.query_ffn is None for layer in qformer.layers)
+    images = _images()
+    with torch.no_grad():
+        before = qformer.encode_image(images)
+        qformer.layers[-1].text_ffn.dense_out.bias.add_(torch.randn(qformer.config.hidden_size))
+        assert not torch.allclose(qformer.encode_image(images), before)
 
 
 def test_missing_bert_weights_are_listed(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizer
 
@@ -17,15 +18,26 @@ WORDS = [f"w{i}" for i in range(43)]
 IMAGE_WIDTH = 12
 
 
-def write_tiny_bert(directory: Path, with_lm_head: bool = False, seed: int = 0) -> BertModel | BertForMaskedLM:
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    """Import into a test module to run it on one thread: these tensors are tiny, and on a busy 2-core machine
+    a second thread mostly spins and waits (measured: ~25x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_tiny_bert(directory: Path, with_lm_head: bool = False, seed: int = 0,
+                    hidden_size: int = 32) -> BertModel | BertForMaskedLM:
     """Save a tiny random BERT (+ tokenizer) to directory and return the model in eval mode.
 
     with_lm_head=True saves a BertForMaskedLM, whose keys carry the "bert." prefix and a cls.predictions head.
     Every weight is perturbed away from its default init (e.g. LayerNorm = 1/0) so a wrong mapping shows up.
     """
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(SPECIAL_TOKENS) + len(WORDS), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=32,
+    config = BertConfig(vocab_size=len(SPECIAL_TOKENS) + len(WORDS), hidden_size=hidden_size, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=2 * hidden_size, max_position_embeddings=32,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = BertForMaskedLM(config) if with_lm_head else BertModel(config)
     with torch.no_grad():
@@ -38,8 +50,8 @@ def write_tiny_bert(directory: Path, with_lm_head: bool = False, seed: int = 0) 
 
 
 def tiny_qformer(directory: Path, num_queries: int = 4, cross_attention_freq: int = 1,
-                 with_lm_head: bool = False, seed: int = 0) -> QFormer:
-    write_tiny_bert(directory, with_lm_head=with_lm_head, seed=seed)
+                 with_lm_head: bool = False, seed: int = 0, hidden_size: int = 32) -> QFormer:
+    write_tiny_bert(directory, with_lm_head=with_lm_head, seed=seed, hidden_size=hidden_size)
     return QFormer.from_bert(directory, num_queries=num_queries, cross_attention_freq=cross_attention_freq,
                              image_hidden_size=IMAGE_WIDTH, embed_dim=16, max_text_len=16).eval()
 

@@ -6,9 +6,10 @@ and treating those as negatives would punish the model for being right. So
 * ITM never samples a pair with the same image id as a "hard negative".
 
 Distributed training: `gather_fn` concatenates a tensor from all ranks along dim 0, keeping the gradient for the
-local part (e.g. an all_gather-with-grad). Every rank then computes the ITC loss over the whole global batch, so
-the loss is the same everywhere; with gather_fn = identity (one process) nothing changes. ITM hard negatives are
-mined inside the local batch only (BLIP-2 mines across ranks; local mining avoids gathering image embeddings).
+local part (e.g. an all_gather-with-grad); it is applied to the ITC features and to the integer image ids. Every
+rank then computes the ITC loss over the whole global batch (an [N, N, Q] similarity tensor), so the loss is the
+same everywhere; with gather_fn = identity (one process) nothing changes. ITM hard negatives are mined inside the
+local batch only (BLIP-2 mines across ranks; local mining avoids gathering image embeddings).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def itc_loss(image_features: torch.Tensor, text_features: torch.Tensor, image_id
 
     Row i's target puts equal mass on every column with the same image id (including itself).
     """
-    logits = itc_similarity(image_features, text_features) / temperature  # [N, N], images x texts
+    logits = itc_similarity(image_features, text_features).float() / temperature  # [N, N], images x texts
     positives = same_image(image_ids, image_ids).float()
     targets = positives / positives.sum(dim=1, keepdim=True)  # symmetric, so valid for both directions
     image_to_text = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
@@ -68,7 +69,10 @@ def sample_hard_negatives(similarity: torch.Tensor, is_positive: torch.Tensor,
     # Rows without negatives would be all -inf (NaN softmax); give them a dummy uniform row instead.
     logits[~has_negative] = 0.0
     probabilities = torch.softmax(logits, dim=1)
-    picks = torch.multinomial(probabilities, 1, generator=generator).squeeze(1)
+    # Sample where the generator lives (a CPU generator stays usable for a GPU batch); the matrix is only [B, B].
+    sampling_device = generator.device if generator is not None else probabilities.device
+    picks = torch.multinomial(probabilities.to(sampling_device), 1, generator=generator)
+    picks = picks.squeeze(1).to(similarity.device)
     return torch.where(has_negative, picks, torch.zeros_like(picks)), has_negative
 
 
@@ -94,7 +98,7 @@ def itm_loss(qformer: QFormer, image_embeds: torch.Tensor, image_mask: torch.Ten
 
     output = qformer(image_embeds[image_index], input_ids[text_index], attention_mask[text_index], mode="itm",
                      image_mask=None if image_mask is None else image_mask[image_index])
-    return F.cross_entropy(qformer.itm_logits(output.query_hidden), labels)
+    return F.cross_entropy(qformer.itm_logits(output.query_hidden).float(), labels)
 
 
 def itg_loss(qformer: QFormer, image_embeds: torch.Tensor, image_mask: torch.Tensor | None,

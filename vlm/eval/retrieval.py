@@ -80,12 +80,8 @@ def _compute_metrics(qformer: QFormer, image_embeds: torch.Tensor | Iterable[tor
     tokens = qformer.tokenizer(texts, padding="longest", truncation=True, max_length=qformer.config.max_text_len,
                                return_tensors="pt")
     input_ids, attention_mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
-    text_features = torch.cat([qformer.text_features(qformer.encode_text(ids, mask))
-                               for ids, mask in zip(input_ids.split(batch_size), attention_mask.split(batch_size))])
 
-    # Pass 1: ITC similarity, one block of image rows at a time ([b, M, Q] intermediates stay small).
-    similarity = torch.cat([itc_similarity(qformer.image_features(qformer.encode_image(batch)), text_features).float()
-                            for batch in _image_batches(image_embeds, batch_size, device)])
+    similarity = _itc_similarity_matrix(qformer, image_embeds, input_ids, attention_mask, batch_size, device)
     num_images, num_texts = similarity.shape
     image_of_text = torch.tensor(text_image_index, device=device)
     if image_of_text.min() < 0 or image_of_text.max() >= num_images:
@@ -93,42 +89,63 @@ def _compute_metrics(qformer: QFormer, image_embeds: torch.Tensor | Iterable[tor
                          f"images given, got values in [{image_of_text.min().item()}, {image_of_text.max().item()}].")
 
     max_k = max(RECALL_KS + (k_rerank,))
-    text_ranking = similarity.topk(min(max_k, num_texts), dim=1).indices  # [N, k] texts per image
+    text_ranking = similarity.topk(min(max_k, num_texts), dim=1).indices  # [N, k] texts per image, best first
     image_ranking = similarity.t().topk(min(max_k, num_images), dim=1).indices  # [M, k] images per text
     image_ids = torch.arange(num_images, device=device)
-    text_hits = image_of_text[text_ranking] == image_ids[:, None]
-    image_hits = image_ranking == image_of_text[:, None]
     metrics = {}
     for k in RECALL_KS:
-        metrics[f"i2t_r{k}"] = recall_at_k(text_hits, k)
-        metrics[f"t2i_r{k}"] = recall_at_k(image_hits, k)
+        metrics[f"i2t_r{k}"] = recall_at_k(image_of_text[text_ranking] == image_ids[:, None], k)
+        metrics[f"t2i_r{k}"] = recall_at_k(image_ranking == image_of_text[:, None], k)
 
-    # Pass 2: ITM on every (image, candidate) pair of the ITC top-k, visiting each image batch once.
-    text_candidates = text_ranking[:, :k_rerank]
-    image_candidates = image_ranking[:, :k_rerank]
-    text_scores = torch.full(text_candidates.shape, float("-inf"), device=device)
-    image_scores = torch.full(image_candidates.shape, float("-inf"), device=device)
+    text_candidates, image_candidates = text_ranking[:, :k_rerank], image_ranking[:, :k_rerank]
+    text_scores, image_scores = _itm_rerank_scores(qformer, image_embeds, input_ids, attention_mask, similarity,
+                                                   text_candidates, image_candidates, batch_size, device)
+    best_text = text_candidates.gather(1, text_scores.argmax(dim=1, keepdim=True))
+    best_image = image_candidates.gather(1, image_scores.argmax(dim=1, keepdim=True))
+    metrics["i2t_r1_itm"] = recall_at_k(image_of_text[best_text] == image_ids[:, None], 1)
+    metrics["t2i_r1_itm"] = recall_at_k(best_image == image_of_text[:, None], 1)
+    return metrics
+
+
+def _itc_similarity_matrix(qformer: QFormer, image_embeds: torch.Tensor | Iterable[torch.Tensor],
+                           input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int,
+                           device: torch.device) -> torch.Tensor:
+    """[N images, M texts] ITC cosine, one block of image rows at a time so the [b, M, Q] intermediate stays small."""
+    text_features = torch.cat([qformer.text_features(qformer.encode_text(ids, mask))
+                               for ids, mask in zip(input_ids.split(batch_size), attention_mask.split(batch_size))])
+    return torch.cat([itc_similarity(qformer.image_features(qformer.encode_image(batch)), text_features).float()
+                      for batch in _image_batches(image_embeds, batch_size, device)])
+
+
+def _itm_rerank_scores(qformer: QFormer, image_embeds: torch.Tensor | Iterable[torch.Tensor],
+                       input_ids: torch.Tensor, attention_mask: torch.Tensor, similarity: torch.Tensor,
+                       text_candidates: torch.Tensor, image_candidates: torch.Tensor, batch_size: int,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ITM + ITC score of every candidate: [N, k] for each image's texts and [M, k] for each text's images.
+
+    Reads the image batches once more and scores, for each batch, the pairs that involve its images.
+    """
+    text_scores = torch.empty(text_candidates.shape, device=device)
+    image_scores = torch.empty(image_candidates.shape, device=device)
     start = 0
     for batch in _image_batches(image_embeds, batch_size, device):
         end = start + len(batch)
+        if end > len(text_candidates):
+            raise ValueError("retrieval_metrics: image_embeds gave more images on its second pass than on its "
+                             "first; it must yield the same batches every time it is iterated.")
         # Image-to-text pairs: each image of this batch with its candidate texts.
         rows = torch.arange(start, end, device=device).repeat_interleave(text_candidates.shape[1])
         texts_here = text_candidates[start:end].flatten()
         itm = _itm_scores(qformer, batch[rows - start], input_ids[texts_here], attention_mask[texts_here], batch_size)
         text_scores[start:end] = (itm + similarity[rows, texts_here]).view(end - start, -1)
         # Text-to-image pairs whose candidate image lies in this batch.
-        in_batch = (image_candidates >= start) & (image_candidates < end)
-        text_rows, slots = in_batch.nonzero(as_tuple=True)
+        text_rows, slots = ((image_candidates >= start) & (image_candidates < end)).nonzero(as_tuple=True)
         images_here = image_candidates[text_rows, slots]
         itm = _itm_scores(qformer, batch[images_here - start], input_ids[text_rows], attention_mask[text_rows],
                           batch_size)
         image_scores[text_rows, slots] = itm + similarity[images_here, text_rows]
         start = end
-    if start != num_images:
-        raise ValueError(f"retrieval_metrics: image_embeds gave {num_images} images on the first pass but {start} "
-                         "on the second; it must yield the same batches every time it is iterated.")
-    best_text = text_candidates.gather(1, text_scores.argmax(dim=1, keepdim=True))
-    best_image = image_candidates.gather(1, image_scores.argmax(dim=1, keepdim=True))
-    metrics["i2t_r1_itm"] = recall_at_k(image_of_text[best_text] == image_ids[:, None], 1)
-    metrics["t2i_r1_itm"] = recall_at_k(best_image == image_of_text[:, None], 1)
-    return metrics
+    if start != len(text_candidates):
+        raise ValueError(f"retrieval_metrics: image_embeds gave {len(text_candidates)} images on its first pass but "
+                         f"{start} on its second; it must yield the same batches every time it is iterated.")
+    return text_scores, image_scores

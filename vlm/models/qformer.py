@@ -213,7 +213,7 @@ class QFormerLayer(nn.Module):
             # Only queries look at the image; text learns about it solely through the queries.
             queries = self.cross_attention(queries, image_embeds,
                                            None if image_mask is None else image_mask[:, None, :].bool())
-        query_ffn = self.query_ffn if self.query_ffn is not None else self.text_ffn
+        query_ffn = self.query_ffn or self.text_ffn
         return torch.cat([query_ffn(queries), self.text_ffn(text)], dim=1)
 
 
@@ -438,6 +438,7 @@ class QFormer(nn.Module):
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         try:
+            tmp_dir.chmod(0o755)  # mkdtemp makes it owner-only
             state = {key: value.detach().contiguous().cpu() for key, value in self.state_dict().items()}
             save_file(state, str(tmp_dir / WEIGHTS_FILE))
             (tmp_dir / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2))

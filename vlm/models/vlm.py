@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
@@ -148,7 +149,14 @@ class VisionLanguageModel(nn.Module):
     def forward(self, image_embeds: torch.Tensor, examples: Sequence[Example]) -> torch.Tensor:
         """Mean cross-entropy over answer tokens (incl. end-of-turn)."""
         embeds, mask, labels = self.build_inputs(image_embeds, examples, left_pad=False)
-        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        base = self.llm.get_base_model()  # LoRA layers are injected in place, so they run here too
+        hidden = base.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        # Position t predicts token t+1. Only answer tokens are targets, so the vocabulary projection (a fifth
+        # of SmolLM2's FLOPs) runs for those positions alone.
+        targets = labels[:, 1:]
+        is_target = targets != IGNORE_INDEX
+        logits = base.lm_head(hidden[:, :-1][is_target])
+        return F.cross_entropy(logits.float(), targets[is_target])
 
     @torch.inference_mode()
     def generate(self, image_embeds: torch.Tensor, instructions: Sequence[str], max_new_tokens: int = 40,

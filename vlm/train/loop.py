@@ -9,33 +9,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from vlm.config import TrainConfig
+from vlm.precision import autocast
 
 StepLosses = Callable[[object], dict[str, torch.Tensor]]
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; training stopped before the bad update was applied."""
-
-
-def bf16_supported() -> bool:
-    """True when this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX); emulated bf16 would be slower."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def autocast(precision: str) -> AbstractContextManager:
-    """bf16 autocast on CUDA, or on CPUs that support it; fp32 otherwise."""
-    if precision != "bf16":
-        return nullcontext()
-    if torch.cuda.is_available():
-        return torch.autocast("cuda", torch.bfloat16)
-    return torch.autocast("cpu", torch.bfloat16) if bf16_supported() else nullcontext()
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:

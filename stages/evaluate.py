@@ -1,0 +1,28 @@
+"""DVC stage `evaluate`: decode on the test split; CIDEr & co for captions, VQA accuracy for answers."""
+
+import json
+
+from vlm.artifacts import DATASET_DIR, EMBEDDINGS_DIR, METRICS_DIR, PREDICTIONS_DIR, VLM_DIR, write_json
+from vlm.config import load_params
+from vlm.data.embeddings import load_embeddings
+from vlm.eval.run import evaluate
+from vlm.models.vlm import VisionLanguageModel
+from vlm.train.stage2 import load_tasks
+
+
+def main() -> None:
+    params = load_params()
+    model = VisionLanguageModel.load(VLM_DIR)
+    embeddings = load_embeddings(EMBEDDINGS_DIR / "test.parquet")
+    caption_tasks, vqa_tasks = load_tasks(DATASET_DIR / "test.parquet", params.llm)
+    metrics, records = evaluate(model, embeddings, caption_tasks, vqa_tasks, params.eval)
+    PREDICTIONS_DIR.mkdir(exist_ok=True)
+    tmp = PREDICTIONS_DIR / "test.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(PREDICTIONS_DIR / "test.jsonl")
+    write_json(METRICS_DIR / "eval.json", metrics)
+    print("evaluate:", json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""DVC stage `train_qformer`: BLIP-2 stage 1 on the cached embeddings (the backbone is never run here)."""
+
+from pathlib import Path
+
+from vlm.artifacts import BASE_MODELS_DIR, DATASET_DIR, EMBEDDINGS_DIR, METRICS_DIR, QFORMER_DIR, write_json
+from vlm.config import load_params
+from vlm.data.embeddings import gather, load_embeddings
+from vlm.eval.retrieval import retrieval_metrics
+from vlm.precision import effective_precision
+from vlm.train.stage1 import caption_table, train_qformer
+
+
+def main() -> None:
+    params = load_params()
+    train_embeddings = load_embeddings(EMBEDDINGS_DIR / "train.parquet")
+    qformer, metrics = train_qformer(BASE_MODELS_DIR / "bert", train_embeddings, DATASET_DIR / "train.parquet",
+                                     params.qformer, params.train_qformer, log_dir=Path("dvclive/train_qformer"))
+    qformer.save(QFORMER_DIR)
+
+    # Retrieval on the held-out test split: every caption against every image.
+    test_embeddings = load_embeddings(EMBEDDINGS_DIR / "test.parquet")
+    image_ids, captions = caption_table(DATASET_DIR / "test.parquet")
+    texts = [c for caps in captions for c in caps]
+    text_image_index = [i for i, caps in enumerate(captions) for _ in caps]
+    metrics.update(retrieval_metrics(qformer, gather(test_embeddings, image_ids).float(), texts, text_image_index))
+    metrics["precision"] = effective_precision(params.train_qformer.precision)
+    write_json(METRICS_DIR / "train_qformer.json", metrics)
+    print("train_qformer:", metrics)
+
+
+if __name__ == "__main__":
+    main()

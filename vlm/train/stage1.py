@@ -1,0 +1,76 @@
+"""Stage 1: train the Q-Former on cached image embeddings with BLIP-2's ITC / ITM / ITG losses."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from vlm.config import QFormerConfig, TrainConfig
+from vlm.data.dataset_io import read_split
+from vlm.data.embeddings import Embeddings, gather
+from vlm.losses import stage1_losses
+from vlm.models.qformer import QFormer
+from vlm.train.loop import train
+
+
+def caption_table(dataset_path: Path) -> tuple[list[str], list[list[str]]]:
+    """(image ids, captions per image) of a split, read without the image bytes."""
+    table = read_split(dataset_path, columns=["image_id", "captions"])
+    return table.column("image_id").to_pylist(), table.column("captions").to_pylist()
+
+
+def caption_batches(embeddings: Embeddings, image_ids: list[str], captions: list[list[str]], qformer: QFormer,
+                    batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Endless (image embeds, input ids, attention mask, image index) batches, one random caption per image.
+
+    All captions are tokenised once up front; an epoch is a fresh permutation of the images.
+    """
+    images = gather(embeddings, image_ids)
+    flat = [c for caps in captions for c in caps]
+    owner = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
+    first = torch.tensor([0] + [len(c) for c in captions]).cumsum(0)[:-1]
+    counts = torch.tensor([len(c) for c in captions])
+    if (counts == 0).any():
+        missing = image_ids[int((counts == 0).nonzero()[0])]
+        raise ValueError(f"image {missing!r} has no caption; stage 1 trains on image-caption pairs")
+    tokens = qformer.tokenizer(flat, padding="max_length", truncation=True, max_length=qformer.config.max_text_len,
+                               return_tensors="pt")
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(image_ids), generator=generator)
+        for start in range(0, len(order) - batch_size + 1, batch_size):  # full batches only: stable ITC
+            rows = order[start:start + batch_size]
+            pick = first[rows] + (torch.rand(len(rows), generator=generator) * counts[rows]).long()
+            assert bool((owner[pick] == rows).all())
+            ids, mask = tokens["input_ids"][pick], tokens["attention_mask"][pick]
+            used = int(mask.sum(1).max())  # trim padding shared by the whole batch
+            yield images[rows].float(), ids[:, :used], mask[:, :used], rows
+
+
+def train_qformer(bert_dir: Path, embeddings: Embeddings, dataset_path: Path, qformer_config: QFormerConfig,
+                  train_config: TrainConfig, log_dir: Path | None) -> tuple[QFormer, dict[str, float]]:
+    torch.manual_seed(train_config.seed)
+    qformer = QFormer.from_bert(bert_dir, num_queries=qformer_config.num_queries,
+                                cross_attention_freq=qformer_config.cross_attention_freq,
+                                image_hidden_size=embeddings.tokens.shape[-1],
+                                separate_query_ffn=qformer_config.separate_query_ffn,
+                                embed_dim=qformer_config.embed_dim, max_text_len=qformer_config.max_text_len)
+    image_ids, captions = caption_table(dataset_path)
+    batch_size = min(train_config.batch_size, len(image_ids))
+    steps = max(1, math.ceil(train_config.epochs * (len(image_ids) // batch_size)))
+    batches = caption_batches(embeddings, image_ids, captions, qformer, batch_size, train_config.seed)
+    weights = {"itc": qformer_config.losses.itc, "itm": qformer_config.losses.itm, "itg": qformer_config.losses.itg}
+    generator = torch.Generator().manual_seed(train_config.seed + 1)
+
+    def step_losses(batch):
+        images, ids, mask, rows = batch
+        return stage1_losses(qformer, images, ids, mask, rows, weights, generator=generator)
+
+    qformer.train()
+    parameters = [p for p in qformer.parameters() if p.requires_grad]
+    final = train(parameters, step_losses, batches, steps, train_config, log_dir, description="train_qformer")
+    qformer.eval()
+    return qformer, {"steps": steps, **{f"final_{k}": round(v, 4) for k, v in final.items()}}
