@@ -36,12 +36,27 @@ def _from_bert(bert_dir) -> QFormer:
                              max_text_len=16).eval()
 
 
+def _clearly_differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """More than float noise: a constant shift before a LayerNorm, for instance, changes outputs only ~1e-7."""
+    return (a - b).abs().max().item() > 1e-3
+
+
 def _images(batch: int = 2, tokens: int = 5, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, tokens, IMAGE_WIDTH, generator=torch.Generator().manual_seed(seed))
 
 
-def test_text_path_equals_bert(tmp_path):
+@pytest.mark.parametrize("legacy_names", [False, True])
+def test_text_path_equals_bert(tmp_path, legacy_names):
     bert = write_tiny_bert(tmp_path)
+    if legacy_names:  # original bert-base checkpoints: "bert." prefix and LayerNorm gamma/beta
+        path = str(tmp_path / "model.safetensors")
+        legacy = {"LayerNorm.weight": "LayerNorm.gamma", "LayerNorm.bias": "LayerNorm.beta"}
+        renamed = {}
+        for key, value in load_file(path).items():
+            for modern, old_name in legacy.items():
+                key = key.replace(modern, old_name)
+            renamed["bert." + key] = value
+        save_file(renamed, path)
     qformer = _from_bert(tmp_path)
     ids, mask = random_text(3, 9, torch.Generator().manual_seed(1), padded_from=6)
     with torch.no_grad():
@@ -96,9 +111,9 @@ def test_queries_use_their_own_feed_forward_and_text_the_bert_one(tmp_path):
             layer.query_ffn.dense_out.bias.add_(torch.randn(qformer.config.hidden_size))
         both_changed = qformer(images, ids, mask, mode="itc")
     torch.testing.assert_close(text_changed.query_hidden, before.query_hidden)
-    assert not torch.allclose(text_changed.text_hidden, before.text_hidden)
+    assert _clearly_differs(text_changed.text_hidden, before.text_hidden)
     torch.testing.assert_close(both_changed.text_hidden, text_changed.text_hidden)
-    assert not torch.allclose(both_changed.query_hidden, text_changed.query_hidden)
+    assert _clearly_differs(both_changed.query_hidden, text_changed.query_hidden)
 
 
 def test_without_separate_query_ffn_queries_share_the_bert_feed_forward(tmp_path):
@@ -110,7 +125,7 @@ def test_without_separate_query_ffn_queries_share_the_bert_feed_forward(tmp_path
     with torch.no_grad():
         before = qformer.encode_image(images)
         qformer.layers[-1].text_ffn.dense_out.bias.add_(torch.randn(qformer.config.hidden_size))
-        assert not torch.allclose(qformer.encode_image(images), before)
+        assert _clearly_differs(qformer.encode_image(images), before)
 
 
 def test_missing_bert_weights_are_listed(tmp_path):
@@ -145,7 +160,7 @@ def test_itc_query_outputs_ignore_the_text_and_text_ignores_the_image(qformer):
         torch.testing.assert_close(base.text_hidden, qformer.encode_text(ids, mask))
     torch.testing.assert_close(new_text.query_hidden, base.query_hidden)
     torch.testing.assert_close(new_image.text_hidden, base.text_hidden)
-    assert not torch.allclose(new_image.query_hidden, base.query_hidden), "queries must see the image"
+    assert _clearly_differs(new_image.query_hidden, base.query_hidden), "queries must see the image"
 
 
 def test_itm_lets_queries_and_text_see_each_other(qformer):
@@ -157,8 +172,8 @@ def test_itm_lets_queries_and_text_see_each_other(qformer):
         base = qformer(images, ids, mask, mode="itm")
         new_text = qformer(images, changed, mask, mode="itm")
         new_image = qformer(_images(seed=7), ids, mask, mode="itm")
-    assert not torch.allclose(new_text.query_hidden, base.query_hidden)
-    assert not torch.allclose(new_image.text_hidden, base.text_hidden)
+    assert _clearly_differs(new_text.query_hidden, base.query_hidden)
+    assert _clearly_differs(new_image.text_hidden, base.text_hidden)
 
 
 def test_itg_is_causal_over_text_and_queries_never_see_text(qformer):
@@ -171,9 +186,9 @@ def test_itg_is_causal_over_text_and_queries_never_see_text(qformer):
         new_text = qformer(images, changed, mask, mode="itg")
         new_image = qformer(_images(seed=8), ids, mask, mode="itg")
     torch.testing.assert_close(new_text.text_hidden[:, :5], base.text_hidden[:, :5])
-    assert not torch.allclose(new_text.text_hidden[:, 5:], base.text_hidden[:, 5:])
+    assert _clearly_differs(new_text.text_hidden[:, 5:], base.text_hidden[:, 5:])
     torch.testing.assert_close(new_text.query_hidden, base.query_hidden)
-    assert not torch.allclose(new_image.text_hidden[:, 0], base.text_hidden[:, 0]), "text must see the queries"
+    assert _clearly_differs(new_image.text_hidden[:, 0], base.text_hidden[:, 0]), "text must see the queries"
 
 
 def test_padded_image_tokens_are_ignored(qformer):
@@ -199,13 +214,14 @@ def test_save_load_round_trip_and_overwrite(qformer, tmp_path):
     out_dir = tmp_path / "qformer"
     qformer.save(out_dir)
     with torch.no_grad():
-        qformer.query_tokens.add_(1.0)  # the second save must replace the first one
+        noise = torch.randn_like(qformer.query_tokens)
+        qformer.query_tokens.add_(noise)  # the second save must replace the first one
         qformer.save(out_dir)
         loaded = QFormer.load(out_dir).eval()
         images = _images()
         ids, mask = random_text(2, 6)
         torch.testing.assert_close(loaded(images, ids, mask, "itm"), qformer(images, ids, mask, "itm"))
-        qformer.query_tokens.sub_(1.0)
+        qformer.query_tokens.sub_(noise)
     assert loaded.config == qformer.config
     assert loaded.tokenizer.convert_tokens_to_ids(DEC_TOKEN) == qformer.config.dec_token_id
     assert sorted(path.name for path in tmp_path.iterdir()) == ["qformer"], "no temporary folders left behind"

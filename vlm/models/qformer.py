@@ -213,7 +213,7 @@ class QFormerLayer(nn.Module):
             # Only queries look at the image; text learns about it solely through the queries.
             queries = self.cross_attention(queries, image_embeds,
                                            None if image_mask is None else image_mask[:, None, :].bool())
-        query_ffn = self.query_ffn or self.text_ffn
+        query_ffn = self.query_ffn if self.query_ffn is not None else self.text_ffn
         return torch.cat([query_ffn(queries), self.text_ffn(text)], dim=1)
 
 
