@@ -1,0 +1,86 @@
+"""params.yaml validation: every mistake must be reported with the dotted key, never silently ignored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlm.config import LLMConfig, Params, ParamsError, QFormerLossWeights, TrainConfig, load_params
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def write_params(tmp_path: Path, overrides: dict) -> Path:
+    """The repository's params.yaml with `overrides` ({"section": {"key": value}}) merged in, as a new file."""
+    raw = yaml.safe_load(REPO_PARAMS.read_text())
+    for section, values in overrides.items():
+        raw.setdefault(section, {}).update(values)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_repository_params_load_into_typed_sections() -> None:
+    raw = yaml.safe_load(REPO_PARAMS.read_text())
+    params = load_params(REPO_PARAMS)
+    assert isinstance(params, Params)
+    assert params.data.train_images == raw["data"]["train_images"]
+    assert params.qformer.num_queries == raw["qformer"]["num_queries"]
+    assert params.lora.target_modules == tuple(raw["lora"]["target_modules"])
+    assert isinstance(params.train_qformer, TrainConfig) and isinstance(params.llm, LLMConfig)
+    # YAML integers where a float is expected (e.g. `epochs: 10`) become floats.
+    assert isinstance(params.train_qformer.epochs, float)
+
+
+def test_unknown_key_names_the_dotted_key_and_lists_allowed_keys(tmp_path: Path) -> None:
+    path = write_params(tmp_path, {"train_vlm": {"learning_rate": 1e-3}})
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    message = str(error.value)
+    assert "train_vlm.learning_rate" in message
+    for allowed in ("epochs", "batch_size", "lr", "warmup_steps"):
+        assert allowed in message
+
+
+def test_unknown_section_is_reported(tmp_path: Path) -> None:
+    path = write_params(tmp_path, {"optimiser": {"lr": 1.0}})
+    with pytest.raises(ParamsError, match="optimiser"):
+        load_params(path)
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("data", "train_images", "2000"),       # a string where an integer is expected
+    ("qformer", "separate_query_ffn", 1),   # an integer where a bool is expected
+    ("train_qformer", "warmup_steps", True),  # a bool where an integer is expected (bool is an int in Python)
+    ("lora", "target_modules", "q_proj"),   # a string where a list is expected
+])
+def test_wrong_type_names_the_key(tmp_path: Path, section: str, key: str, value: object) -> None:
+    path = write_params(tmp_path, {section: {key: value}})
+    with pytest.raises(ParamsError, match=rf"\b{section}\.{key}\b"):
+        load_params(path)
+
+
+def test_literal_value_outside_the_allowed_set_lists_the_allowed_values(tmp_path: Path) -> None:
+    path = write_params(tmp_path, {"backbone": {"precision": "fp16"}})
+    with pytest.raises(ParamsError) as error:
+        load_params(path)
+    message = str(error.value)
+    assert "backbone.precision" in message and "'fp16'" in message
+    assert "bf16" in message and "fp32" in message
+
+
+def test_nested_loss_weights_are_read_and_validated(tmp_path: Path) -> None:
+    params = load_params(write_params(tmp_path, {"qformer": {"losses": {"itc": 0.5, "itm": 0, "itg": 2}}}))
+    assert params.qformer.losses == QFormerLossWeights(itc=0.5, itm=0.0, itg=2.0)
+
+    with pytest.raises(ParamsError, match=r"qformer\.losses\.itx"):
+        load_params(write_params(tmp_path, {"qformer": {"losses": {"itx": 1.0}}}))
+    with pytest.raises(ParamsError, match=r"qformer\.losses\.itm"):
+        load_params(write_params(tmp_path, {"qformer": {"losses": {"itm": "high"}}}))
+
+
+def test_missing_file_says_where_to_run_from(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "params.yaml")

@@ -1,0 +1,143 @@
+"""The Parquet embedding store, and embedding a dataset split with a (tiny) frozen backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from tiny_models import VISION_IMAGE_SIZE, VISION_WIDTH, tiny_vision
+from tiny_qformer import single_torch_thread  # noqa: F401 (autouse fixture)
+
+from vlm.data.dataset_io import decode_image, write_split
+from vlm.data.embed import embed_split
+from vlm.data.embeddings import EmbeddingStoreError, EmbeddingWriter, gather, load_embeddings, read_metadata
+from vlm.data.synthetic import generate_records
+from vlm.models.backbone import VisionBackbone
+from vlm.weights.sources import materialise
+
+TOKENS, HIDDEN = 5, 3
+METADATA = {"backbone_name": "hf:Test", "image_size": "56"}
+
+
+def write_store(path: Path, batches: list[tuple[list[str], torch.Tensor]], row_group_size: int = 4) -> None:
+    with EmbeddingWriter(path, TOKENS, HIDDEN, METADATA, row_group_size=row_group_size) as writer:
+        for ids, tokens in batches:
+            writer.write(ids, tokens)
+
+
+def random_batches(sizes: list[int]) -> list[tuple[list[str], torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    batches, start = [], 0
+    for size in sizes:
+        ids = [f"img-{i:03d}" for i in range(start, start + size)]
+        batches.append((ids, torch.randn(size, TOKENS, HIDDEN, generator=generator)))
+        start += size
+    return batches
+
+
+def test_round_trip_keeps_ids_in_order_and_values_in_fp16(tmp_path: Path) -> None:
+    path = tmp_path / "train.parquet"
+    batches = random_batches([3, 5, 2, 1])  # 11 rows with row groups of 4 -> several row groups
+    write_store(path, batches)
+
+    assert pq.ParquetFile(path).num_row_groups > 1
+    loaded = load_embeddings(path)
+    assert loaded.image_ids == [i for ids, _ in batches for i in ids]
+    expected = torch.cat([tokens for _, tokens in batches]).to(torch.float16)
+    assert loaded.tokens.dtype == torch.float16
+    assert loaded.tokens.shape == (11, TOKENS, HIDDEN)
+    assert torch.equal(loaded.tokens, expected)
+    assert loaded.metadata["backbone_name"] == "hf:Test"
+    assert (loaded.metadata["num_tokens"], loaded.metadata["hidden_size"]) == (str(TOKENS), str(HIDDEN))
+    assert not (tmp_path / "train.parquet.tmp").exists()
+
+
+def test_expected_metadata_mismatch_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "train.parquet"
+    write_store(path, random_batches([2]))
+    assert load_embeddings(path, expect={"image_size": 56}).image_ids  # str(56) matches the stored "56"
+    with pytest.raises(EmbeddingStoreError, match=r"image_size='56'.*'112'"):
+        load_embeddings(path, expect={"image_size": "112"})
+    with pytest.raises(EmbeddingStoreError, match="backbone_name"):
+        load_embeddings(path, expect={"backbone_name": "open_clip:ViT-B-16"})
+
+
+def test_exception_inside_the_writer_leaves_no_file(tmp_path: Path) -> None:
+    path = tmp_path / "train.parquet"
+    with pytest.raises(RuntimeError, match="backbone crashed"):
+        with EmbeddingWriter(path, TOKENS, HIDDEN, METADATA, row_group_size=2) as writer:
+            ids, tokens = random_batches([3])[0]
+            writer.write(ids, tokens)  # already flushed one row group into the temporary file
+            raise RuntimeError("backbone crashed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exception_keeps_a_previous_complete_file(tmp_path: Path) -> None:
+    path = tmp_path / "train.parquet"
+    write_store(path, random_batches([2]))
+    with pytest.raises(RuntimeError):
+        with EmbeddingWriter(path, TOKENS, HIDDEN, METADATA) as writer:
+            writer.write(*random_batches([4])[0])
+            raise RuntimeError("interrupted")
+    assert load_embeddings(path).image_ids == ["img-000", "img-001"]
+
+
+def test_empty_writer_raises_and_leaves_no_file(tmp_path: Path) -> None:
+    path = tmp_path / "train.parquet"
+    with pytest.raises(EmbeddingStoreError, match="no embeddings"):
+        with EmbeddingWriter(path, TOKENS, HIDDEN, METADATA):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_batch_of_the_wrong_width_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(EmbeddingStoreError, match="expected 15"):
+        with EmbeddingWriter(tmp_path / "x.parquet", TOKENS, HIDDEN, METADATA) as writer:
+            writer.write(["a"], torch.zeros(1, TOKENS + 1, HIDDEN))
+
+
+def test_missing_file_points_at_the_embed_stage(tmp_path: Path) -> None:
+    with pytest.raises(EmbeddingStoreError, match="dvc repro embed"):
+        load_embeddings(tmp_path / "absent.parquet")
+
+
+def test_gather_follows_the_requested_order_and_names_unknown_ids(tmp_path: Path) -> None:
+    path = tmp_path / "train.parquet"
+    batches = random_batches([6])
+    write_store(path, batches)
+    loaded = load_embeddings(path)
+    wanted = ["img-004", "img-000", "img-004", "img-002"]
+    rows = [int(i[-3:]) for i in wanted]
+    assert torch.equal(gather(loaded, wanted), batches[0][1][rows].to(torch.float16))
+    with pytest.raises(EmbeddingStoreError, match="'img-999'"):
+        gather(loaded, ["img-001", "img-999"])
+
+
+def test_embed_split_writes_one_row_per_image_with_backbone_metadata(tmp_path: Path) -> None:
+    source = tiny_vision(tmp_path / "tiny_vision")
+    materialise("vision", str(source), tmp_path / "models" / "vision")
+    backbone = VisionBackbone.from_folder(tmp_path / "models" / "vision", image_size=VISION_IMAGE_SIZE)
+    records = list(generate_records(seed=3, num_images=5, image_size=48, id_prefix="test"))
+    dataset = tmp_path / "test.parquet"
+    write_split(records, dataset)
+
+    out = tmp_path / "embeddings" / "test.parquet"
+    count = embed_split(backbone, dataset, out, batch_size=2, precision="fp32")  # 2 + 2 + 1: a partial batch
+
+    loaded = load_embeddings(out, expect={"image_size": VISION_IMAGE_SIZE, "backbone_source": str(source)})
+    assert count == 5
+    assert loaded.image_ids == [r["image_id"] for r in records]
+    assert loaded.tokens.shape == (5, backbone.num_tokens, VISION_WIDTH)
+    assert backbone.num_tokens == (VISION_IMAGE_SIZE // 14) ** 2 + 1
+    metadata = read_metadata(out)
+    for key, value in backbone.metadata().items():
+        assert metadata[key] == value
+    assert metadata["precision"] == "fp32"
+    # The stored rows are the backbone's output for those very images (in fp16), not e.g. a shifted batch.
+    images = [decode_image(r["image"]) for r in records[3:5]]
+    expected = backbone(backbone.preprocess(images)).to(torch.float16)
+    torch.testing.assert_close(loaded.tokens[3:5], expected, atol=1e-3, rtol=1e-3)
+    # Distinct images give distinct embeddings (a backbone fed the same batch twice would not).
+    assert not torch.equal(loaded.tokens[0], loaded.tokens[1])
