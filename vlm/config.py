@@ -99,7 +99,8 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = 32
-    max_new_tokens: int = 40
+    max_new_tokens: int = 48  # captions
+    max_answer_tokens: int = 8  # VQA answers are a word or two; a tight limit keeps a babbling model cheap
     num_beams: int = 1
     max_images: int = 0  # 0 = the whole test split
 

@@ -15,13 +15,13 @@ from vlm.train.stage2 import Task
 
 
 def predict(model: VisionLanguageModel, embeddings: Embeddings, tasks: Sequence[Task], config: EvalConfig,
-            description: str) -> list[str]:
+            max_new_tokens: int, description: str) -> list[str]:
     """Generate one answer per task, in batches (left padding, KV cache)."""
     predictions: list[str] = []
     for start in tqdm(range(0, len(tasks), config.batch_size), desc=description, unit="batch"):
         chunk = tasks[start:start + config.batch_size]
         images = gather(embeddings, [t.image_id for t in chunk]).float()
-        predictions += model.generate(images, [t.instruction for t in chunk], config.max_new_tokens,
+        predictions += model.generate(images, [t.instruction for t in chunk], max_new_tokens,
                                       config.num_beams)
     return predictions
 
@@ -37,11 +37,11 @@ def evaluate(model: VisionLanguageModel, embeddings: Embeddings, caption_tasks: 
     metrics: dict[str, float | str] = {}
     records: list[dict] = []
     if caption_tasks:
-        captions = predict(model, embeddings, caption_tasks, config, "captions")
+        captions = predict(model, embeddings, caption_tasks, config, config.max_new_tokens, "captions")
         metrics.update(score_captions(captions, [list(t.answers) for t in caption_tasks]))
         records += [_record(t, p) for t, p in zip(caption_tasks, captions)]
     if vqa_tasks:
-        answers = predict(model, embeddings, vqa_tasks, config, "questions")
+        answers = predict(model, embeddings, vqa_tasks, config, config.max_answer_tokens, "questions")
         metrics.update(score_vqa(answers, [list(t.answers) for t in vqa_tasks], [t.kind for t in vqa_tasks]))
         records += [_record(t, p) for t, p in zip(vqa_tasks, answers)]
     return metrics, records
