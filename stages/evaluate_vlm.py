@@ -1,4 +1,8 @@
-"""DVC stage `evaluate`: decode on the test split; CIDEr & co for captions, VQA accuracy for answers."""
+"""DVC stage `evaluate`: decode on the test split; CIDEr & co for captions, VQA accuracy for answers.
+
+Not named evaluate.py: `python stages/<script>` puts stages/ first on sys.path, where a file named evaluate.py
+would shadow the Hugging Face `evaluate` library that the metrics are loaded with.
+"""
 
 import json
 
