@@ -97,6 +97,14 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class VLMTrainConfig(TrainConfig):
+    # The projector starts from scratch and the Q-Former must learn to serve an LLM: with one shared rate, LoRA
+    # fits the answers' text prior long before the visual path carries signal, and the model stops looking.
+    projector_lr: float = 2e-3
+    qformer_lr: float = 1e-3
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     batch_size: int = 32
     max_new_tokens: int = 48  # captions
@@ -114,7 +122,7 @@ class Params:
     lora: LoraConfig = field(default_factory=LoraConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     train_qformer: TrainConfig = field(default_factory=TrainConfig)
-    train_vlm: TrainConfig = field(default_factory=TrainConfig)
+    train_vlm: VLMTrainConfig = field(default_factory=VLMTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 

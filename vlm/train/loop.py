@@ -34,10 +34,15 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
     return factor
 
 
-def train(parameters: list[torch.nn.Parameter], step_losses: StepLosses, batches: Iterable, total_steps: int,
-          config: TrainConfig, log_dir: Path | None = None, description: str = "train") -> dict[str, float]:
-    """Run `total_steps` optimisation steps; returns the last logged value of each loss (smoothed)."""
+def train(parameters: list[torch.nn.Parameter] | list[dict], step_losses: StepLosses, batches: Iterable,
+          total_steps: int, config: TrainConfig, log_dir: Path | None = None, description: str = "train"
+          ) -> dict[str, float]:
+    """Run `total_steps` optimisation steps; returns the last logged value of each loss (smoothed).
+
+    `parameters` is a list of parameters or of AdamW parameter groups (dicts with "params" and optionally "lr").
+    """
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]  # flat, for clipping
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total_steps))
     live = _open_live(log_dir)
     smoothed: dict[str, float] = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vlm.config import LLMConfig, TrainConfig
+from vlm.config import LLMConfig, VLMTrainConfig
 from vlm.data.dataset_io import read_split
 from vlm.data.embeddings import Embeddings, gather
 from vlm.models.prompt import ChatPrompt, Example
@@ -67,7 +67,7 @@ def example_batches(embeddings: Embeddings, caption_tasks: list[Task], vqa_tasks
 
 
 def train_vlm(model: VisionLanguageModel, embeddings: Embeddings, dataset_path: Path, llm: LLMConfig,
-              config: TrainConfig, log_dir: Path | None) -> dict[str, float]:
+              config: VLMTrainConfig, log_dir: Path | None) -> dict[str, float]:
     torch.manual_seed(config.seed)
     caption_tasks, vqa_tasks = load_tasks(dataset_path, llm)
     total = len(caption_tasks) + len(vqa_tasks)
@@ -75,8 +75,12 @@ def train_vlm(model: VisionLanguageModel, embeddings: Embeddings, dataset_path: 
     steps = max(1, math.ceil(config.epochs * total / batch_size))
     batches = example_batches(embeddings, caption_tasks, vqa_tasks, model.prompt, batch_size, config.seed)
     model.train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    final = train(parameters, lambda batch: {"loss": model(*batch)}, batches, steps, config, log_dir,
+    groups = [
+        {"params": list(model.projector.parameters()), "lr": config.projector_lr},
+        {"params": [p for p in model.qformer.parameters() if p.requires_grad], "lr": config.qformer_lr},
+        {"params": [p for p in model.llm.parameters() if p.requires_grad], "lr": config.lr},  # LoRA
+    ]
+    final = train(groups, lambda batch: {"loss": model(*batch)}, batches, steps, config, log_dir,
                   description="train_vlm")
     model.eval()
     return {"steps": steps, "examples_seen": steps * batch_size, "final_loss": round(final["loss"], 4)}
