@@ -91,9 +91,16 @@ class VisionLanguageModel(nn.Module):
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
+    @property
+    def pad_id(self) -> int:
+        """Filler id for padding and visual slots; tokenizers without a pad token pad with end-of-turn."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.prompt.end_of_turn_id
+
     def _freeze_stage1_heads(self) -> None:
         for name, param in self.qformer.named_parameters():
-            if name.split(".")[0] in STAGE1_ONLY or ".text_ffn." in name and self.qformer.config.separate_query_ffn:
+            text_only_ffn = ".text_ffn." in name and self.qformer.config.separate_query_ffn
+            if name.split(".")[0] in STAGE1_ONLY or text_only_ffn:
                 param.requires_grad_(False)
 
     def trainable_parameter_counts(self) -> dict[str, int]:
@@ -129,15 +136,14 @@ class VisionLanguageModel(nn.Module):
         length = max(lengths)
 
         # One embedding call for all text of the batch, then scatter it into place.
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.prompt.end_of_turn_id
-        ids = torch.full((batch, length), pad_id, dtype=torch.long)
+        ids = torch.full((batch, length), self.pad_id, dtype=torch.long)
         is_visual = torch.zeros(batch, length, dtype=torch.bool)
         mask = torch.zeros(batch, length, dtype=torch.long)
         labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
         for i, (ex, text, n) in enumerate(zip(examples, texts, lengths)):
             start = length - n if left_pad else 0
             row = slice(start, start + n)
-            ids[i, row] = torch.cat([prefix, torch.full((num_visual,), pad_id), text])
+            ids[i, row] = torch.cat([prefix, torch.full((num_visual,), self.pad_id), text])
             is_visual[i, start + len(prefix): start + len(prefix) + num_visual] = True
             mask[i, row] = 1
             if ex.answer_ids:
@@ -167,7 +173,7 @@ class VisionLanguageModel(nn.Module):
         output = self.llm.generate(
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
             do_sample=False, eos_token_id=self.prompt.end_of_turn_id,
-            pad_token_id=self.tokenizer.pad_token_id or self.prompt.end_of_turn_id,
+            pad_token_id=self.pad_id,
         )
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
