@@ -17,12 +17,15 @@ def main() -> None:
                                      params.qformer, params.train_qformer, log_dir=Path("dvclive/train_qformer"))
     qformer.save(QFORMER_DIR)
 
-    # Retrieval on the held-out test split: every caption against every image.
+    # Retrieval on the held-out test split: every caption against every image. ITM re-ranking only when ITM
+    # trained (untrained, its head is noise, and the re-ranking is most of the evaluation's cost).
     test_embeddings = load_embeddings(EMBEDDINGS_DIR / "test.parquet")
     image_ids, captions = caption_table(DATASET_DIR / "test.parquet")
     texts = [c for caps in captions for c in caps]
     text_image_index = [i for i, caps in enumerate(captions) for _ in caps]
-    metrics.update(retrieval_metrics(qformer, gather(test_embeddings, image_ids).float(), texts, text_image_index))
+    k_rerank = 16 if params.qformer.losses.itm > 0 else 0
+    metrics.update(retrieval_metrics(qformer, gather(test_embeddings, image_ids).float(), texts, text_image_index,
+                                     k_rerank=k_rerank))
     metrics["precision"] = effective_precision(params.train_qformer.precision)
     write_json(METRICS_DIR / "train_qformer.json", metrics)
     print("train_qformer:", metrics)

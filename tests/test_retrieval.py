@@ -94,6 +94,14 @@ def test_itm_reranking_repairs_itc_only_within_the_top_k(oracle, k_rerank, i2t_i
     assert (metrics["i2t_r1_itm"], metrics["t2i_r1_itm"]) == (i2t_itm, t2i_itm)
 
 
+def test_k_rerank_zero_skips_the_itm_head_entirely(oracle, monkeypatch):
+    oracle.itc_shift = 1
+    images, texts, image_of_text = _oracle_data()
+    monkeypatch.setattr(oracle, "itm_logits", lambda *_: pytest.fail("ITM ran with k_rerank=0"))
+    metrics = retrieval_metrics(oracle, images, texts, image_of_text, k_rerank=0, batch_size=4)
+    assert set(metrics) == {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10"}
+
+
 def test_real_model_metrics_do_not_depend_on_batching(tmp_path):
     qformer = tiny_qformer(tmp_path).train()
     generator = torch.Generator().manual_seed(0)

@@ -18,7 +18,7 @@ from vlm.data.synthetic import QUESTION_TYPES, generate_records
 from vlm.models.prompt import ChatPrompt
 from vlm.train.loop import NonFiniteLossError, train, warmup_cosine
 from vlm.train.stage1 import caption_batches
-from vlm.train.stage2 import example_batches, load_tasks
+from vlm.train.stage2 import conversation_batches, load_tasks
 
 FP32 = TrainConfig(lr=0.1, weight_decay=0.0, warmup_steps=1, precision="fp32", log_every=1)
 
@@ -148,35 +148,39 @@ def test_load_tasks_gives_one_caption_task_per_image_and_one_vqa_task_per_questi
     assert {t.kind for t in vqa_tasks} <= set(QUESTION_TYPES)
 
 
-def test_example_batches_cover_every_task_once_per_epoch_with_the_right_image(split) -> None:
+def test_conversation_batches_hold_every_task_once_per_epoch_beside_its_own_image(split) -> None:
     path, records = split
     caption_tasks, vqa_tasks = load_tasks(path, LLMConfig())
     tasks = caption_tasks + vqa_tasks
     prompt = ChatPrompt(tiny_llm_tokenizer(), "Answer about the image.")
     image_ids = [r["image_id"] for r in records]
-    batches = example_batches(indexed_embeddings(image_ids), caption_tasks, vqa_tasks, prompt, batch_size=1, seed=0)
+    batches = conversation_batches(indexed_embeddings(image_ids), tasks, prompt, batch_size=1, seed=0)
 
-    epoch = []
-    for images, examples in itertools.islice(batches, len(tasks)):
-        assert images.dtype == torch.float32 and len(examples) == 1
-        epoch.append((image_ids[int(images[0, 0, 0])], examples[0]))
+    epoch, order = [], []  # (image id, turn) over one epoch = one row per image; the rows' image order
+    for images, rows in itertools.islice(batches, len(image_ids)):
+        assert images.dtype == torch.float32 and len(rows) == 1
+        order.append(image_ids[int(images[0, 0, 0])])
+        epoch += [(order[-1], turn) for turn in rows[0]]
     assert Counter((i, ex.user_ids) for i, ex in epoch) == Counter((t.image_id, prompt.user_ids(t.instruction))
                                                                     for t in tasks)
     by_key = {(t.image_id, prompt.user_ids(t.instruction)): t for t in tasks}
     for image_id, example in epoch:
         task = by_key[(image_id, example.user_ids)]
         assert example.answer_ids in {prompt.answer_ids(answer) for answer in task.answers}
-    assert {ex.user_ids for _, ex in epoch} >= {prompt.user_ids(LLMConfig().caption_prompt)}  # captions mixed in
-    assert [ex for _, ex in epoch] != [prompt.example(t.instruction, t.answers[0]) for t in tasks]  # shuffled
+    # Images come shuffled, and so do the turns inside a row (a caption is not always first).
+    assert sorted(order) == sorted(image_ids) and order != image_ids
+    caption_ids = prompt.user_ids(LLMConfig().caption_prompt)
+    positions = {i: [ex.user_ids for j, ex in epoch if j == i].index(caption_ids) for i in image_ids}
+    assert len(set(positions.values())) > 1
 
 
-def test_example_batches_yield_only_full_batches(split) -> None:
+def test_conversation_batches_yield_only_full_batches(split) -> None:
     path, records = split
     caption_tasks, vqa_tasks = load_tasks(path, LLMConfig())
     prompt = ChatPrompt(tiny_llm_tokenizer(), "Answer about the image.")
     embeddings = indexed_embeddings([r["image_id"] for r in records])
-    batch_size = 4
-    assert (len(caption_tasks) + len(vqa_tasks)) % batch_size != 0, "the test needs a partial last batch"
-    for images, examples in itertools.islice(example_batches(embeddings, caption_tasks, vqa_tasks, prompt,
-                                                             batch_size, seed=1), 12):
-        assert images.shape[0] == len(examples) == batch_size
+    batch_size = 3
+    assert len(records) % batch_size != 0, "the test needs a partial last batch"
+    for images, rows in itertools.islice(conversation_batches(embeddings, caption_tasks + vqa_tasks, prompt,
+                                                              batch_size, seed=1), 12):
+        assert images.shape[0] == len(rows) == batch_size

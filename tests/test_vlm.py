@@ -63,6 +63,10 @@ def examples(model: VisionLanguageModel, with_answers: bool = True) -> list[Exam
     return [model.prompt.example(q, a if with_answers else None) for q, a in PAIRS]
 
 
+def single_turn_rows(batch: list[Example]) -> list[list[Example]]:
+    return [[example] for example in batch]
+
+
 def token_embedding(model: VisionLanguageModel, token_ids: list[int] | tuple[int, ...]) -> torch.Tensor:
     return model.llm.get_input_embeddings().weight[list(token_ids)]
 
@@ -72,8 +76,9 @@ def test_prompt_is_the_chat_template_with_visual_tokens_between_system_and_user_
     batch = examples(model)
     images = image_embeds(len(batch))
     with torch.no_grad():
-        embeds, mask, _ = model.build_inputs(images, batch, left_pad=False)
+        embeds, layout = model.build_inputs(images, single_turn_rows(batch), left_pad=False)
         visual = model.visual_tokens(images)
+    mask = layout.attention_mask
     prefix = model.prompt.prefix_ids
     start_of_user = len(prefix) + NUM_QUERIES
     im_start, im_end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
@@ -104,7 +109,8 @@ def test_only_answer_and_end_of_turn_are_targets(model) -> None:
     tokenizer = model.tokenizer
     batch = examples(model)
     with torch.no_grad():
-        embeds, mask, labels = model.build_inputs(image_embeds(len(batch)), batch, left_pad=False)
+        embeds, layout = model.build_inputs(image_embeds(len(batch)), single_turn_rows(batch), left_pad=False)
+    mask, labels = layout.attention_mask, layout.labels
     for row, (_, answer) in enumerate(PAIRS):
         is_target = labels[row] != IGNORE_INDEX
         expected = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -117,8 +123,30 @@ def test_only_answer_and_end_of_turn_are_targets(model) -> None:
     # forward's loss is the mean cross-entropy over exactly those targets (HF's own shifted loss agrees).
     with torch.no_grad():
         reference = model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
-        loss = model(image_embeds(len(batch)), batch)
+        loss = model(image_embeds(len(batch)), single_turn_rows(batch))
     torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_turns_score_exactly_as_separate_single_turn_rows(model) -> None:
+    """All turns about one image in one row (training) == each turn alone with that image (inference)."""
+    batch = examples(model)
+    images = image_embeds(2)
+    one_image = images[:1]
+    with torch.no_grad():
+        packed = model(one_image, [batch])
+        # The same loss, computed turn by turn: each turn alone, token-weighted like the packed mean.
+        losses, weights = [], []
+        for example in batch:
+            losses.append(model(one_image, [[example]]))
+            weights.append(len(example.answer_ids))
+    separate = sum(loss * weight for loss, weight in zip(losses, weights)) / sum(weights)
+    torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-5)
+    # Mixed batch: one packed row next to a single-turn row pads; the padding changes nothing.
+    with torch.no_grad():
+        mixed = model(images, [batch, batch[1:2]])
+        alone = model(images[1:], [batch[1:2]])
+    total = sum(weights) + weights[1]
+    torch.testing.assert_close(mixed, (separate * sum(weights) + alone * weights[1]) / total, atol=1e-5, rtol=1e-5)
 
 
 def test_right_padding_for_training_left_padding_for_generation(model) -> None:
@@ -126,9 +154,10 @@ def test_right_padding_for_training_left_padding_for_generation(model) -> None:
     lengths = [len(model.prompt.prefix_ids) + NUM_QUERIES + len(ex.user_ids) + len(ex.answer_ids) for ex in batch]
     assert len(set(lengths)) > 1, "the test needs rows of different lengths"
     with torch.no_grad():
-        _, right_mask, _ = model.build_inputs(image_embeds(len(batch)), batch, left_pad=False)
-        left_embeds, left_mask, _ = model.build_inputs(image_embeds(len(batch)), batch, left_pad=True)
+        _, right = model.build_inputs(image_embeds(len(batch)), single_turn_rows(batch), left_pad=False)
+        left_embeds, left = model.build_inputs(image_embeds(len(batch)), single_turn_rows(batch), left_pad=True)
         visual = model.visual_tokens(image_embeds(len(batch)))
+    right_mask, left_mask = right.attention_mask, left.attention_mask
     width = max(lengths)
     for row, length in enumerate(lengths):
         assert right_mask[row].tolist() == [1] * length + [0] * (width - length)
@@ -154,13 +183,13 @@ def test_exactly_lora_projector_and_qformer_image_path_train(folders) -> None:
     assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
 
     # Behaviourally: a backward pass reaches every trainable weight and no frozen one.
-    model(image_embeds(len(PAIRS)), examples(model)).backward()
+    model(image_embeds(len(PAIRS)), single_turn_rows(examples(model))).backward()
     for name, parameter in model.named_parameters():
         assert (parameter.grad is not None) == parameter.requires_grad, name
 
 
 def test_save_then_load_gives_the_same_loss(folders, model, tmp_path: Path) -> None:
-    batch, images = examples(model), image_embeds(len(PAIRS))
+    batch, images = single_turn_rows(examples(model)), image_embeds(len(PAIRS))
     with torch.no_grad():
         loss = model(images, batch)
         untrained_loss = make_model(folders)(images, batch)
@@ -181,7 +210,8 @@ def test_load_of_a_folder_without_model_says_what_is_missing(tmp_path: Path) -> 
 def greedy_without_cache(model: VisionLanguageModel, images: torch.Tensor, instruction: str, steps: int) -> str:
     """Reference decoding: re-run the full sequence for every new token (no KV cache, no padding)."""
     with torch.no_grad():
-        embeds, mask, _ = model.build_inputs(images, [model.prompt.example(instruction)], left_pad=True)
+        embeds, layout = model.build_inputs(images, [[model.prompt.example(instruction)]], left_pad=True)
+        mask = layout.attention_mask
         new_ids: list[int] = []
         for _ in range(steps):
             logits = model.llm(inputs_embeds=embeds, attention_mask=mask).logits[0, -1]

@@ -50,7 +50,8 @@ def retrieval_metrics(qformer: QFormer, image_embeds: torch.Tensor | Iterable[to
     """Recall metrics for N images and M texts; text j describes image text_image_index[j].
 
     image_embeds: [N, T, Di] tensor, or a re-iterable of [b, T, Di] batches in image order.
-    Returns i2t_r1/r5/r10, t2i_r1/r5/r10 (ITC) and i2t_r1_itm, t2i_r1_itm (ITM re-ranking of the ITC top-k).
+    Returns i2t_r1/r5/r10, t2i_r1/r5/r10 (ITC) and, unless k_rerank is 0, i2t_r1_itm, t2i_r1_itm (ITM
+    re-ranking of the ITC top-k). Use k_rerank=0 for a Q-Former trained without ITM: its ITM head is untrained.
     """
     if len(texts) != len(text_image_index):
         raise ValueError(f"retrieval_metrics: {len(texts)} texts but {len(text_image_index)} entries in "
@@ -63,8 +64,9 @@ def retrieval_metrics(qformer: QFormer, image_embeds: torch.Tensor | Iterable[to
     if qformer.tokenizer is None:
         raise ValueError("retrieval_metrics: the Q-Former has no tokenizer; build it with QFormer.from_bert or "
                          "QFormer.load from a folder that contains tokenizer files.")
-    if k_rerank < 1 or batch_size < 1:
-        raise ValueError(f"retrieval_metrics: k_rerank and batch_size must be >= 1, got {k_rerank}, {batch_size}.")
+    if k_rerank < 0 or batch_size < 1:
+        raise ValueError(f"retrieval_metrics: k_rerank must be >= 0 and batch_size >= 1, got {k_rerank}, "
+                         f"{batch_size}.")
 
     was_training = qformer.training
     qformer.eval()  # no dropout while scoring
@@ -96,6 +98,8 @@ def _compute_metrics(qformer: QFormer, image_embeds: torch.Tensor | Iterable[tor
     for k in RECALL_KS:
         metrics[f"i2t_r{k}"] = recall_at_k(image_of_text[text_ranking] == image_ids[:, None], k)
         metrics[f"t2i_r{k}"] = recall_at_k(image_ranking == image_of_text[:, None], k)
+    if k_rerank == 0:
+        return metrics
 
     text_candidates, image_candidates = text_ranking[:, :k_rerank], image_ranking[:, :k_rerank]
     text_scores, image_scores = _itm_rerank_scores(qformer, image_embeds, input_ids, attention_mask, similarity,

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vlm.config import LoraConfig
+from vlm.models.packing import PackedRows, pack, turn_attention_mask
 from vlm.models.projector import Projector
 from vlm.models.prompt import IGNORE_INDEX, ChatPrompt, Example
 from vlm.models.qformer import QFormer
@@ -120,46 +121,28 @@ class VisionLanguageModel(nn.Module):
         """[B, T, D_image] cached patch embeddings -> [B, Q, D_llm] tokens for the LLM."""
         return self.projector(self.qformer.encode_image(image_embeds))
 
-    def build_inputs(self, image_embeds: torch.Tensor, examples: Sequence[Example], left_pad: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """inputs_embeds [B, L, D], attention_mask [B, L], labels [B, L] for a batch of examples.
+    def build_inputs(self, image_embeds: torch.Tensor, rows: Sequence[Sequence[Example]], left_pad: bool
+                     ) -> tuple[torch.Tensor, PackedRows]:
+        """(inputs_embeds [B, L, D], token layout) for a batch of rows, each the turns about one image.
 
-        Layout per row: system turn | visual tokens | user turn | answer + end-of-turn. Labels are IGNORE_INDEX
-        everywhere but the answer. Left padding for generation (all rows end together), right for training.
+        Layout per row: system turn | visual tokens | turn 1 | turn 2 | ... (see `vlm/models/packing.py`).
+        Left padding for generation (one turn per row, all rows end together), right padding for training.
         """
         visual = self.visual_tokens(image_embeds)
-        batch, num_visual, width = visual.shape
-        embed = self.llm.get_input_embeddings()
-        prefix = torch.tensor(self.prompt.prefix_ids)
-        texts = [torch.tensor(ex.user_ids + ex.answer_ids) for ex in examples]
-        lengths = [len(prefix) + num_visual + len(t) for t in texts]
-        length = max(lengths)
+        layout = pack(self.prompt.prefix_ids, visual.shape[1], rows, self.pad_id, left_pad)
+        embeds = self.llm.get_input_embeddings()(layout.ids).to(visual.dtype)
+        embeds = embeds.masked_scatter(layout.is_visual[..., None], visual.reshape(-1, visual.shape[-1]))
+        return embeds, layout
 
-        # One embedding call for all text of the batch, then scatter it into place.
-        ids = torch.full((batch, length), self.pad_id, dtype=torch.long)
-        is_visual = torch.zeros(batch, length, dtype=torch.bool)
-        mask = torch.zeros(batch, length, dtype=torch.long)
-        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
-        for i, (ex, text, n) in enumerate(zip(examples, texts, lengths)):
-            start = length - n if left_pad else 0
-            row = slice(start, start + n)
-            ids[i, row] = torch.cat([prefix, torch.full((num_visual,), self.pad_id), text])
-            is_visual[i, start + len(prefix): start + len(prefix) + num_visual] = True
-            mask[i, row] = 1
-            if ex.answer_ids:
-                labels[i, start + n - len(ex.answer_ids): start + n] = torch.tensor(ex.answer_ids)
-        embeds = embed(ids).to(visual.dtype)
-        embeds = embeds.masked_scatter(is_visual[..., None], visual.reshape(-1, width))
-        return embeds, mask, labels
-
-    def forward(self, image_embeds: torch.Tensor, examples: Sequence[Example]) -> torch.Tensor:
-        """Mean cross-entropy over answer tokens (incl. end-of-turn)."""
-        embeds, mask, labels = self.build_inputs(image_embeds, examples, left_pad=False)
+    def forward(self, image_embeds: torch.Tensor, rows: Sequence[Sequence[Example]]) -> torch.Tensor:
+        """Mean cross-entropy over answer tokens (incl. end-of-turn) of every turn of every row."""
+        embeds, layout = self.build_inputs(image_embeds, rows, left_pad=False)
         base = self.llm.get_base_model()  # LoRA layers are injected in place, so they run here too
-        hidden = base.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        # Position t predicts token t+1. Only answer tokens are targets, so the vocabulary projection (a fifth
-        # of SmolLM2's FLOPs) runs for those positions alone.
-        targets = labels[:, 1:]
+        mask = turn_attention_mask(layout.segments, base.config._attn_implementation, embeds.dtype)
+        hidden = base.model(inputs_embeds=embeds, attention_mask=mask, position_ids=layout.position_ids).last_hidden_state
+        # Position t predicts token t+1 (answers never open a turn, so the shift stays inside the turn). Only
+        # answer tokens are targets, so the vocabulary projection (a fifth of SmolLM2's FLOPs) runs for those alone.
+        targets = layout.labels[:, 1:]
         is_target = targets != IGNORE_INDEX
         logits = base.lm_head(hidden[:, :-1][is_target])
         return F.cross_entropy(logits.float(), targets[is_target])
@@ -168,10 +151,10 @@ class VisionLanguageModel(nn.Module):
     def generate(self, image_embeds: torch.Tensor, instructions: Sequence[str], max_new_tokens: int = 40,
                  num_beams: int = 1) -> list[str]:
         """Greedy (or beam) decoding, batched with left padding and the KV cache; stops at end-of-turn."""
-        examples = [self.prompt.example(text) for text in instructions]
-        embeds, mask, _ = self.build_inputs(image_embeds, examples, left_pad=True)
+        rows = [[self.prompt.example(text)] for text in instructions]
+        embeds, layout = self.build_inputs(image_embeds, rows, left_pad=True)
         output = self.llm.generate(
-            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
+            inputs_embeds=embeds, attention_mask=layout.attention_mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
             do_sample=False, eos_token_id=self.prompt.end_of_turn_id,
             pad_token_id=self.pad_id,
         )

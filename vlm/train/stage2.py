@@ -1,7 +1,8 @@
 """Stage 2: teach the frozen LLM (through LoRA) to read the Q-Former's visual tokens.
 
-Captions and VQA pairs train together. Every example is tokenised once, before training; a step only
-gathers cached image embeddings and runs the model.
+Captions and VQA pairs train together, packed: one row per image holds all of its turns, each of which sees
+only the shared system prompt and visual tokens (`vlm/models/packing.py`). Every turn is tokenised once per
+epoch; a step only gathers cached image embeddings and runs the model.
 """
 
 from __future__ import annotations
@@ -48,32 +49,42 @@ def load_tasks(dataset_path: Path, llm: LLMConfig) -> tuple[list[Task], list[Tas
     return captions, questions
 
 
-def training_examples(tasks: list[Task], prompt: ChatPrompt, rng: random.Random) -> list[tuple[str, Example]]:
-    """(image id, tokenised example); a caption task picks one of its references (a new one each epoch)."""
-    return [(t.image_id, prompt.example(t.instruction, rng.choice(t.answers))) for t in tasks]
+def image_conversations(tasks: list[Task], prompt: ChatPrompt, rng: random.Random
+                        ) -> list[tuple[str, list[Example]]]:
+    """(image id, all of its turns): one packed training row per image, turns in a fresh random order.
+
+    A caption task contributes one of its references, a new random one each epoch.
+    """
+    turns: dict[str, list[Example]] = {}
+    for task in tasks:
+        turns.setdefault(task.image_id, []).append(prompt.example(task.instruction, rng.choice(task.answers)))
+    for examples in turns.values():
+        rng.shuffle(examples)
+    return list(turns.items())
 
 
-def example_batches(embeddings: Embeddings, caption_tasks: list[Task], vqa_tasks: list[Task], prompt: ChatPrompt,
-                    batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, list[Example]]]:
-    """Endless shuffled batches mixing caption and VQA examples; one epoch = every task once."""
+def conversation_batches(embeddings: Embeddings, tasks: list[Task], prompt: ChatPrompt, batch_size: int,
+                         seed: int) -> Iterator[tuple[torch.Tensor, list[list[Example]]]]:
+    """Endless shuffled batches of `batch_size` images, each with all its caption and VQA turns."""
     rng = random.Random(seed)
     while True:
-        examples = training_examples(caption_tasks + vqa_tasks, prompt, rng)
-        rng.shuffle(examples)
-        for start in range(0, len(examples) - batch_size + 1, batch_size):
-            chunk = examples[start:start + batch_size]
+        rows = image_conversations(tasks, prompt, rng)
+        rng.shuffle(rows)
+        for start in range(0, len(rows) - batch_size + 1, batch_size):
+            chunk = rows[start:start + batch_size]
             images = gather(embeddings, [image_id for image_id, _ in chunk]).float()
-            yield images, [example for _, example in chunk]
+            yield images, [turns for _, turns in chunk]
 
 
 def train_vlm(model: VisionLanguageModel, embeddings: Embeddings, dataset_path: Path, llm: LLMConfig,
               config: VLMTrainConfig, log_dir: Path | None) -> dict[str, float]:
     torch.manual_seed(config.seed)
     caption_tasks, vqa_tasks = load_tasks(dataset_path, llm)
-    total = len(caption_tasks) + len(vqa_tasks)
-    batch_size = min(config.batch_size, total)
-    steps = max(1, math.ceil(config.epochs * total / batch_size))
-    batches = example_batches(embeddings, caption_tasks, vqa_tasks, model.prompt, batch_size, config.seed)
+    tasks = caption_tasks + vqa_tasks
+    images = len({task.image_id for task in tasks})
+    batch_size = min(config.batch_size, images)
+    steps = max(1, math.ceil(config.epochs * images / batch_size))
+    batches = conversation_batches(embeddings, tasks, model.prompt, batch_size, config.seed)
     model.train()
     groups = [
         {"params": list(model.projector.parameters()), "lr": config.projector_lr},
@@ -83,4 +94,6 @@ def train_vlm(model: VisionLanguageModel, embeddings: Embeddings, dataset_path: 
     final = train(groups, lambda batch: {"loss": model(*batch)}, batches, steps, config, log_dir,
                   description="train_vlm")
     model.eval()
-    return {"steps": steps, "examples_seen": steps * batch_size, "final_loss": round(final["loss"], 4)}
+    turns_per_image = len(tasks) / images
+    return {"steps": steps, "images_seen": steps * batch_size,
+            "turns_seen": round(steps * batch_size * turns_per_image), "final_loss": round(final["loss"], 4)}

@@ -1,0 +1,93 @@
+"""Shared-prefix packing: several turns about one image in one row, each seeing only the prefix and itself.
+
+A training row is
+
+    system turn | visual tokens | turn 1 (user + answer) | turn 2 | ... | padding
+
+and the attention mask makes turn k attend to the shared part (system + visual tokens) and to its own earlier
+tokens, never to another turn. Every turn restarts its position ids right after the shared part, so each turn
+is computed exactly as if it were the only one (the single-turn prompt used at inference), while the shared
+part runs once per image instead of once per question. On CPU, where the LLM's forward/backward is the whole
+cost of stage 2, this cuts the tokens per supervised answer about threefold (an image has ~6 questions and
+captions, and single-turn batches also pad every short VQA row to caption length).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vlm.models.prompt import IGNORE_INDEX, Example
+
+SHARED, PADDING = 0, -1  # segment ids; turns are numbered 1, 2, ...
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """Token layout of a batch (all [B, L]); visual slots hold `pad_id` in `ids` until embeddings replace them."""
+
+    ids: torch.Tensor
+    is_visual: torch.Tensor
+    segments: torch.Tensor  # SHARED for system + visual tokens, k for the k-th turn, PADDING elsewhere
+    position_ids: torch.Tensor
+    labels: torch.Tensor  # IGNORE_INDEX except on answer tokens (and their end-of-turn)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """[B, L] 1 for real tokens: enough for single-turn rows (what generation uses)."""
+        return (self.segments != PADDING).long()
+
+
+def pack(prefix_ids: Sequence[int], num_visual: int, rows: Sequence[Sequence[Example]], pad_id: int,
+         left_pad: bool) -> PackedRows:
+    """Lay out `rows` (each: the turns about one image) with right padding, or left padding for generation."""
+    if any(not turns for turns in rows):
+        raise ValueError("every row needs at least one turn")
+    if left_pad and any(len(turns) > 1 for turns in rows):
+        raise ValueError("left padding is for generation, which takes one turn per row")
+    shared = len(prefix_ids) + num_visual
+    lengths = [shared + sum(len(t.user_ids) + len(t.answer_ids) for t in turns) for turns in rows]
+    batch, length = len(rows), max(lengths)
+    ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    is_visual = torch.zeros(batch, length, dtype=torch.bool)
+    segments = torch.full((batch, length), PADDING, dtype=torch.long)
+    position_ids = torch.zeros(batch, length, dtype=torch.long)
+    labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
+    for row, (turns, row_length) in enumerate(zip(rows, lengths)):
+        start = length - row_length if left_pad else 0
+        ids[row, start:start + len(prefix_ids)] = torch.tensor(prefix_ids, dtype=torch.long)
+        is_visual[row, start + len(prefix_ids):start + shared] = True
+        segments[row, start:start + shared] = SHARED
+        position_ids[row, start:start + shared] = torch.arange(shared)
+        cursor = start + shared
+        for number, turn in enumerate(turns, start=1):
+            text = turn.user_ids + turn.answer_ids
+            span = slice(cursor, cursor + len(text))
+            ids[row, span] = torch.tensor(text, dtype=torch.long)
+            segments[row, span] = number
+            position_ids[row, span] = torch.arange(shared, shared + len(text))
+            if turn.answer_ids:
+                labels[row, cursor + len(turn.user_ids):span.stop] = torch.tensor(turn.answer_ids, dtype=torch.long)
+            cursor = span.stop
+    return PackedRows(ids, is_visual, segments, position_ids, labels)
+
+
+def turn_attention_mask(segments: torch.Tensor, attention_implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, L, L] mask letting query i see key j when j is causal and in the shared part or i's own turn.
+
+    Boolean (True = attend) for SDPA; additive (0 or the dtype's minimum) for eager attention, which adds the
+    mask to the scores. Padding queries see the shared part, so no softmax row is empty (an all-masked row
+    gives NaN, and NaN times a zero gradient is still NaN).
+    """
+    if attention_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"packed turns need a 4D attention mask, which '{attention_implementation}' attention "
+                         "does not take; load the LLM with attn_implementation='sdpa' or 'eager'")
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    query, key = segments[:, :, None], segments[:, None, :]
+    allowed = (causal & ((key == SHARED) | (key == query)) & (key != PADDING))[:, None]
+    if attention_implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
