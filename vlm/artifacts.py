@@ -15,6 +15,7 @@ QFORMER_DIR = Path("models/qformer")        # train_qformer stage
 VLM_DIR = Path("models/vlm")                # train_vlm stage: qformer/, projector, LoRA adapter
 METRICS_DIR = Path("metrics")
 PREDICTIONS_DIR = Path("predictions")
+CHECKPOINTS_DIR = Path("checkpoints")       # resumable training state of an unfinished run (git- and DVC-ignored)
 SPLITS = ("train", "val", "test")
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from vlm import distributed
 from vlm.models.qformer import QFormer
 
 GatherFn = Callable[[torch.Tensor], torch.Tensor]
@@ -113,8 +114,9 @@ def itg_loss(qformer: QFormer, image_embeds: torch.Tensor, image_mask: torch.Ten
     output = qformer(image_embeds, decoder_ids, attention_mask, mode="itg", image_mask=image_mask)
     logits = qformer.lm_logits(output.text_hidden[:, :-1])
     targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                           label_smoothing=label_smoothing)
+    total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                            label_smoothing=label_smoothing, reduction="sum")
+    return distributed.global_mean(total, int((targets != -100).sum()))  # mean over all ranks' tokens
 
 
 def _check_weights(weights: dict[str, float]) -> None:

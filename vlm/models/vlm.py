@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from vlm import distributed
 from vlm.config import LoraConfig
 from vlm.models.packing import PackedRows, pack, turn_attention_mask
 from vlm.models.projector import Projector
@@ -145,7 +146,8 @@ class VisionLanguageModel(nn.Module):
         targets = layout.labels[:, 1:]
         is_target = targets != IGNORE_INDEX
         logits = base.lm_head(hidden[:, :-1][is_target])
-        return F.cross_entropy(logits.float(), targets[is_target])
+        total = F.cross_entropy(logits.float(), targets[is_target], reduction="sum")
+        return distributed.global_mean(total, int(is_target.sum()))  # under torchrun: over all ranks' tokens
 
     @torch.inference_mode()
     def generate(self, image_embeds: torch.Tensor, instructions: Sequence[str], max_new_tokens: int = 40,

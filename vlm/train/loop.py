@@ -2,7 +2,8 @@
 
 A stage supplies a `step_losses(batch) -> dict[str, Tensor]` (with a "loss" entry to minimise) and an iterator
 of batches; this module owns everything else: AdamW, warmup + cosine schedule, bf16 autocast, gradient
-clipping, a NaN guard, the progress bar and per-step DVCLive logging.
+clipping, gradient averaging across ranks, a NaN guard, checkpoints and resume, the progress bar and per-step
+DVCLive logging.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vlm import distributed
 from vlm.config import TrainConfig
 from vlm.precision import autocast
+from vlm.train.checkpoint import Checkpointer
 
 StepLosses = Callable[[object], dict[str, torch.Tensor]]
 
@@ -35,51 +38,76 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
 
 
 def train(parameters: list[torch.nn.Parameter] | list[dict], step_losses: StepLosses, batches: Iterable,
-          total_steps: int, config: TrainConfig, log_dir: Path | None = None, description: str = "train"
-          ) -> dict[str, float]:
+          total_steps: int, config: TrainConfig, log_dir: Path | None = None, description: str = "train",
+          checkpointer: Checkpointer | None = None) -> dict[str, float]:
     """Run `total_steps` optimisation steps; returns the last logged value of each loss (smoothed).
 
     `parameters` is a list of parameters or of AdamW parameter groups (dicts with "params" and optionally "lr").
+    Under torchrun every rank runs this with its share of each batch: gradients are averaged after backward (so
+    every rank applies the same update) and the logged losses are means over ranks. With a `checkpointer`, the
+    run resumes from its last checkpoint and saves one every `checkpointer.every` steps.
     """
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]  # flat, for clipping
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total_steps))
-    live = _open_live(log_dir)
+    torch.manual_seed(config.seed + 1 + distributed.rank())  # dropout: reproducible, yet different on each rank
+    resumed = checkpointer.restore(optimizer, schedule) if checkpointer is not None else None
+    step = resumed.step if resumed else 0
+    history: list[dict[str, float]] = list(resumed.history) if resumed else []  # logged values, one dict per step
+    main = distributed.is_main()
+    live = _open_live(log_dir) if main else None
     smoothed: dict[str, float] = {}
-    progress = tqdm(total=total_steps, desc=description, unit="step")
-    step = 0
+    for values in history:  # replay: curves and smoothed values as if the run had never stopped
+        _log(live, values, smoothed)
+    progress = tqdm(total=total_steps, initial=step, desc=description, unit="step", disable=not main)
+    batches = iter(batches)
+    for _ in range(step):  # fast-forward the (deterministic) data to where the checkpoint stopped
+        next(batches, None)
     for batch in batches:
         if step >= total_steps:
             break
         with autocast(config.precision):
             losses = step_losses(batch)
         loss = losses["loss"]
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"{description}: loss is {loss.item()} at step {step}; lower the learning "
-                                     f"rate or check the inputs (no update was applied for this step)")
+        if not torch.isfinite(distributed.all_reduce_mean(loss)):
+            kept = f"; the last good checkpoint is {checkpointer.path}" if checkpointer and checkpointer.path.exists() \
+                else ""
+            raise NonFiniteLossError(f"{description}: loss is not finite at step {step}; lower the learning rate "
+                                     f"or check the inputs (no update was applied for this step{kept})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.average_gradients(parameters)
         torch.nn.utils.clip_grad_norm_(parameters, max_norm=1.0)
         optimizer.step()
         schedule.step()
-        for name, value in losses.items():  # exponential moving average: readable curves, honest last value
-            value = float(value.detach())
-            smoothed[name] = value if name not in smoothed else 0.9 * smoothed[name] + 0.1 * value
-        if live is not None:
-            for name, value in losses.items():
-                live.log_metric(f"train/{name}", float(value.detach()))
-            live.log_metric("train/lr", schedule.get_last_lr()[0])
-            live.next_step()
+        values = {f"train/{name}": float(distributed.all_reduce_mean(value)) for name, value in losses.items()}
+        values["train/lr"] = schedule.get_last_lr()[0]
+        history.append(values)
+        _log(live, values, smoothed)
         step += 1
         progress.update()
         if step % config.log_every == 0:
-            progress.set_postfix({k: f"{v:.3f}" for k, v in smoothed.items()})
+            progress.set_postfix({k.removeprefix("train/"): f"{v:.3f}" for k, v in smoothed.items() if k != "train/lr"})
+        if checkpointer is not None and checkpointer.due(step) and step < total_steps:
+            checkpointer.save(step, optimizer, schedule, history)
     progress.close()
     if live is not None:
         live.end()
     if step < total_steps:
         raise RuntimeError(f"{description}: the data ran out after {step} of {total_steps} steps")
-    return smoothed
+    if checkpointer is not None:
+        checkpointer.clear()
+    return {k.removeprefix("train/"): v for k, v in smoothed.items() if k != "train/lr"}
+
+
+def _log(live, values: dict[str, float], smoothed: dict[str, float]) -> None:
+    """One step's values: into DVCLive (if open) and the exponential moving averages (readable, honest last value)."""
+    for name, value in values.items():
+        smoothed[name] = value if name not in smoothed else 0.9 * smoothed[name] + 0.1 * value
+    if live is not None:
+        for name, value in values.items():
+            live.log_metric(name, value)
+        live.next_step()
 
 
 def _open_live(log_dir: Path | None):

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from vlm import distributed
 from vlm.config import QFormerConfig, TrainConfig
 from vlm.data.dataset_io import read_split
 from vlm.data.embeddings import Embeddings, gather
 from vlm.losses import stage1_losses
 from vlm.models.qformer import QFormer
+from vlm.train.checkpoint import Checkpointer
 from vlm.train.loop import train
 
 
@@ -51,8 +54,11 @@ def caption_batches(embeddings: Embeddings, image_ids: list[str], captions: list
 
 
 def train_qformer(bert_dir: Path, embeddings: Embeddings, dataset_path: Path, qformer_config: QFormerConfig,
-                  train_config: TrainConfig, log_dir: Path | None) -> tuple[QFormer, dict[str, float]]:
-    torch.manual_seed(train_config.seed)
+                  train_config: TrainConfig, log_dir: Path | None, checkpoint_dir: Path | None = None
+                  ) -> tuple[QFormer, dict[str, float]]:
+    """Train a Q-Former from `bert_dir`. Under torchrun each rank takes its share of every global batch and ITC
+    contrasts against the gathered global batch. With `checkpoint_dir`, a killed run resumes where it stopped."""
+    torch.manual_seed(train_config.seed)  # the same initial weights on every rank
     qformer = QFormer.from_bert(bert_dir, num_queries=qformer_config.num_queries,
                                 cross_attention_freq=qformer_config.cross_attention_freq,
                                 image_hidden_size=embeddings.tokens.shape[-1],
@@ -63,14 +69,23 @@ def train_qformer(bert_dir: Path, embeddings: Embeddings, dataset_path: Path, qf
     steps = max(1, math.ceil(train_config.epochs * (len(image_ids) // batch_size)))
     batches = caption_batches(embeddings, image_ids, captions, qformer, batch_size, train_config.seed)
     weights = {"itc": qformer_config.losses.itc, "itm": qformer_config.losses.itm, "itg": qformer_config.losses.itg}
-    generator = torch.Generator().manual_seed(train_config.seed + 1)
+    generator = torch.Generator().manual_seed(train_config.seed + 1)  # ITM's hard-negative sampling
+    local = distributed.local_slice(batch_size)
 
     def step_losses(batch):
-        images, ids, mask, rows = batch
-        return stage1_losses(qformer, images, ids, mask, rows, weights, generator=generator)
+        images, ids, mask, rows = (part[local] for part in batch)
+        return stage1_losses(qformer, images, ids, mask, rows, weights, generator=generator,
+                             gather_fn=distributed.all_gather_with_grad)
 
     qformer.train()
     parameters = [p for p in qformer.parameters() if p.requires_grad]
-    final = train(parameters, step_losses, batches, steps, train_config, log_dir, description="train_qformer")
+    checkpointer = None
+    if checkpoint_dir is not None:
+        fingerprint = {"stage": "train_qformer", "qformer": asdict(qformer_config), "train": asdict(train_config),
+                       "steps": steps, "images": len(image_ids)}
+        checkpointer = Checkpointer(checkpoint_dir, train_config.checkpoint_every, qformer, fingerprint,
+                                    generators={"itm": generator})
+    final = train(parameters, step_losses, batches, steps, train_config, log_dir, description="train_qformer",
+                  checkpointer=checkpointer)
     qformer.eval()
     return qformer, {"steps": steps, **{f"final_{k}": round(v, 4) for k, v in final.items()}}

@@ -10,16 +10,18 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from vlm import distributed
 from vlm.config import LLMConfig, VLMTrainConfig
 from vlm.data.dataset_io import read_split
 from vlm.data.embeddings import Embeddings, gather
 from vlm.models.prompt import ChatPrompt, Example
 from vlm.models.vlm import VisionLanguageModel
+from vlm.train.checkpoint import Checkpointer
 from vlm.train.loop import train
 
 
@@ -77,7 +79,11 @@ def conversation_batches(embeddings: Embeddings, tasks: list[Task], prompt: Chat
 
 
 def train_vlm(model: VisionLanguageModel, embeddings: Embeddings, dataset_path: Path, llm: LLMConfig,
-              config: VLMTrainConfig, log_dir: Path | None) -> dict[str, float]:
+              config: VLMTrainConfig, log_dir: Path | None, checkpoint_dir: Path | None = None,
+              fingerprint: dict | None = None) -> dict[str, float]:
+    """Train the model's projector, Q-Former image path and LoRA. Under torchrun each rank takes its share of
+    every global batch; with `checkpoint_dir`, a killed run resumes where it stopped (`fingerprint` names what
+    else shaped the run, e.g. the model's params)."""
     torch.manual_seed(config.seed)
     caption_tasks, vqa_tasks = load_tasks(dataset_path, llm)
     tasks = caption_tasks + vqa_tasks
@@ -91,8 +97,19 @@ def train_vlm(model: VisionLanguageModel, embeddings: Embeddings, dataset_path: 
         {"params": [p for p in model.qformer.parameters() if p.requires_grad], "lr": config.qformer_lr},
         {"params": [p for p in model.llm.parameters() if p.requires_grad], "lr": config.lr},  # LoRA
     ]
-    final = train(groups, lambda batch: {"loss": model(*batch)}, batches, steps, config, log_dir,
-                  description="train_vlm")
+    local = distributed.local_slice(batch_size)
+
+    def step_losses(batch):
+        images, rows = batch
+        return {"loss": model(images[local], rows[local])}
+
+    checkpointer = None
+    if checkpoint_dir is not None:
+        run = {"stage": "train_vlm", "llm": asdict(llm), "train": asdict(config), "steps": steps,
+               **(fingerprint or {})}
+        checkpointer = Checkpointer(checkpoint_dir, config.checkpoint_every, model, run)
+    final = train(groups, step_losses, batches, steps, config, log_dir, description="train_vlm",
+                  checkpointer=checkpointer)
     model.eval()
     turns_per_image = len(tasks) / images
     return {"steps": steps, "images_seen": steps * batch_size,

@@ -1,0 +1,127 @@
+"""Both training stages under torchrun (2 gloo processes) match one process; killed runs resume exactly;
+the same seed gives the same run twice."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_llm
+from tiny_qformer import single_torch_thread, tiny_qformer  # noqa: F401 (autouse fixture)
+from train_worker import run_qformer, run_vlm
+
+from vlm.data.dataset_io import write_split
+from vlm.data.synthetic import generate_records
+from vlm.models.vlm import VisionLanguageModel
+from vlm.train import stage1
+
+WORKER = Path(__file__).with_name("train_worker.py")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """Tiny dataset, BERT, Q-Former and LLM folders, shared by every run of this module."""
+    root = tmp_path_factory.mktemp("work")
+    write_split(generate_records(seed=3, num_images=16, image_size=32, id_prefix="train"), root / "dataset.parquet")
+    tiny_qformer(root / "bert", num_queries=4, cross_attention_freq=1).save(root / "qformer")
+    tiny_llm(root / "llm")
+    return root
+
+
+def logged(log_dir: Path, name: str = "loss") -> list[float]:
+    with open(log_dir / "plots" / "metrics" / "train" / f"{name}.tsv") as f:
+        return [float(row[name]) for row in csv.DictReader(f, delimiter="\t")]
+
+
+def run_worker(stage: str, work: Path, log_dir: Path, nproc: int) -> None:
+    command = [sys.executable, str(WORKER), stage, str(work), str(log_dir)]
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   *command[1:]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("stage", ["qformer", "vlm"])
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(work, tmp_path, stage) -> None:
+    run_worker(stage, work, tmp_path / "one", nproc=1)
+    run_worker(stage, work, tmp_path / "two", nproc=2)
+    one, two = logged(tmp_path / "one"), logged(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    assert one[0] != one[-1]  # it trained, so the later steps compare updated weights
+    assert one == pytest.approx(two, abs=1e-4)
+
+
+class Interrupt(Exception):
+    """Stands in for a kill: raised from inside a training step."""
+
+
+def interrupt_at(call: int, function):
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise Interrupt
+        return function(*args, **kwargs)
+    return wrapped
+
+
+def test_a_killed_qformer_run_resumes_to_the_same_weights_and_curves(work, tmp_path, monkeypatch) -> None:
+    reference, reference_metrics = run_qformer(work, tmp_path / "ref")
+    checkpoints = tmp_path / "checkpoints"
+    with monkeypatch.context() as patch:
+        patch.setattr(stage1, "stage1_losses", interrupt_at(4, stage1.stage1_losses))  # dies in step 4
+        with pytest.raises(Interrupt):
+            run_qformer(work, tmp_path / "run", checkpoints, checkpoint_every=2)
+    assert (checkpoints / "last.pt").is_file()  # step 2's checkpoint survived the crash
+    resumed, resumed_metrics = run_qformer(work, tmp_path / "run", checkpoints, checkpoint_every=2)
+    for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert resumed_metrics == reference_metrics
+    assert logged(tmp_path / "run") == logged(tmp_path / "ref")  # replayed history + new steps = one curve
+    assert not checkpoints.exists()  # a finished run cleans up after itself
+
+
+def test_a_killed_vlm_run_resumes_to_the_same_weights(work, tmp_path, monkeypatch) -> None:
+    reference, _ = run_vlm(work, tmp_path / "ref")
+    checkpoints = tmp_path / "checkpoints"
+    with monkeypatch.context() as patch:
+        patch.setattr(VisionLanguageModel, "forward", interrupt_at(3, VisionLanguageModel.forward))
+        with pytest.raises(Interrupt):
+            run_vlm(work, tmp_path / "run", checkpoints, checkpoint_every=2)
+    resumed, _ = run_vlm(work, tmp_path / "run", checkpoints, checkpoint_every=2)
+    trainable = {n for n, p in reference.named_parameters() if p.requires_grad}
+    reference_state, resumed_state = reference.state_dict(), resumed.state_dict()
+    changed = 0
+    for name, value in reference_state.items():
+        assert torch.equal(value, resumed_state[name]), name
+        changed += name in trainable
+    assert changed > 0
+    assert logged(tmp_path / "run") == logged(tmp_path / "ref")
+
+
+def test_a_checkpoint_of_another_run_is_not_resumed(work, tmp_path, monkeypatch, capsys) -> None:
+    checkpoints = tmp_path / "checkpoints"
+    with monkeypatch.context() as patch:
+        patch.setattr(stage1, "stage1_losses", interrupt_at(4, stage1.stage1_losses))
+        with pytest.raises(Interrupt):
+            run_qformer(work, tmp_path / "run", checkpoints, checkpoint_every=2)
+    # Same stage, other params (checkpoint_every is part of the run's params): a fresh start, not a resume.
+    _, metrics = run_qformer(work, tmp_path / "other", checkpoints, checkpoint_every=3)
+    assert "different run" in capsys.readouterr().out
+    assert len(logged(tmp_path / "other")) == 4
+
+
+def test_the_same_seed_gives_the_same_run_twice(work, tmp_path) -> None:
+    first, first_metrics = run_qformer(work, tmp_path / "a")
+    second, second_metrics = run_qformer(work, tmp_path / "b")
+    assert first_metrics == second_metrics
+    assert logged(tmp_path / "a") == logged(tmp_path / "b")
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))

@@ -1,0 +1,38 @@
+"""Run a stage script in one process, or under torchrun with `VLM_NPROC` processes.
+
+    python -m vlm.launch stages/train_qformer.py
+
+dvc.yaml calls stages through this, so the number of processes comes from the environment
+(`VLM_NPROC=2 dvc repro`) and is not part of the stage's command, hence not part of its hash: the same
+experiment run on 1 or 4 processes is the same DVC stage.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        raise SystemExit("usage: python -m vlm.launch SCRIPT [ARGS...]  (VLM_NPROC=N runs it under torchrun)")
+    raw = os.environ.get("VLM_NPROC", "1")
+    try:
+        nproc = int(raw)
+    except ValueError:
+        raise SystemExit(f"VLM_NPROC must be a whole number of processes, got {raw!r}") from None
+    if nproc < 1:
+        raise SystemExit(f"VLM_NPROC must be at least 1, got {nproc}")
+    if nproc == 1 or "RANK" in os.environ:  # a single process, or already inside torchrun
+        sys.argv = argv
+        runpy.run_path(argv[0], run_name="__main__")
+        return
+    from torch.distributed.run import main as torchrun
+
+    torchrun(["--standalone", f"--nproc_per_node={nproc}", *argv])
+
+
+if __name__ == "__main__":
+    main()
