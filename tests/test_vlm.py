@@ -233,3 +233,10 @@ def test_batched_greedy_generation_equals_one_by_one(model) -> None:
     one_by_one = [model.generate(images[i:i + 1], [text], max_new_tokens=6)[0] for i, text in enumerate(instructions)]
     assert batched == one_by_one
     assert batched[0] == greedy_without_cache(model, images[:1], instructions[0], steps=6)
+
+
+def test_a_question_longer_than_the_context_is_refused_with_its_text(model) -> None:
+    context = model.llm.get_base_model().config.max_position_embeddings
+    question = "what color is the " + "very " * context + "big circle?"
+    with pytest.raises(ValueError, match=rf"exceeds the LLM's context of {context} tokens.*what color is the"):
+        model.generate(image_embeds(1), [question], max_new_tokens=2)

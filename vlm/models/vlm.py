@@ -129,11 +129,29 @@ class VisionLanguageModel(nn.Module):
         Layout per row: system turn | visual tokens | turn 1 | turn 2 | ... (see `vlm/models/packing.py`).
         Left padding for generation (one turn per row, all rows end together), right padding for training.
         """
+        self._check_context(rows, image_embeds.shape[0])
         visual = self.visual_tokens(image_embeds)
         layout = pack(self.prompt.prefix_ids, visual.shape[1], rows, self.pad_id, left_pad)
         embeds = self.llm.get_input_embeddings()(layout.ids).to(visual.dtype)
         embeds = embeds.masked_scatter(layout.is_visual[..., None], visual.reshape(-1, visual.shape[-1]))
         return embeds, layout
+
+    def _check_context(self, rows: Sequence[Sequence[Example]], batch: int) -> None:
+        """Every turn must fit the LLM's context after the shared part (turns restart their positions there)."""
+        if len(rows) != batch:
+            raise ValueError(f"{len(rows)} rows of turns for {batch} images; give one row per image")
+        context = getattr(self.llm.get_base_model().config, "max_position_embeddings", None)
+        if context is None:
+            return
+        shared = len(self.prompt.prefix_ids) + self.qformer.config.num_queries
+        for turns in rows:
+            for turn in turns:
+                length = shared + len(turn.user_ids) + len(turn.answer_ids)
+                if length > context:
+                    text = self.tokenizer.decode(turn.user_ids, skip_special_tokens=True).strip()
+                    raise ValueError(f"a prompt of {length} tokens (system prompt + visual tokens: {shared}) exceeds "
+                                     f"the LLM's context of {context} tokens; shorten this question or answer: "
+                                     f"{text[:80]!r}...")
 
     def forward(self, image_embeds: torch.Tensor, rows: Sequence[Sequence[Example]]) -> torch.Tensor:
         """Mean cross-entropy over answer tokens (incl. end-of-turn) of every turn of every row."""
