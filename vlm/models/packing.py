@@ -8,8 +8,8 @@ and the attention mask makes turn k attend to the shared part (system + visual t
 tokens, never to another turn. Every turn restarts its position ids right after the shared part, so each turn
 is computed exactly as if it were the only one (the single-turn prompt used at inference), while the shared
 part runs once per image instead of once per question. On CPU, where the LLM's forward/backward is the whole
-cost of stage 2, this cuts the tokens per supervised answer about threefold (an image has ~6 questions and
-captions, and single-turn batches also pad every short VQA row to caption length).
+cost of stage 2, this matters: single-turn batches pad every short VQA row to caption length. Measured on the
+default data (2 cores): 0.20 s per supervised answer packed, 0.31 s in single-turn batches.
 """
 
 from __future__ import annotations
