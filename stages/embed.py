@@ -1,17 +1,33 @@
-"""DVC stage `embed`: run the frozen backbone ONCE over every split; store all tokens (fp16) in Parquet."""
+"""DVC stage `embed`: run the frozen backbone ONCE over every split; store all tokens (fp16) as Parquet shards.
 
-from vlm.artifacts import BASE_MODELS_DIR, DATASET_DIR, EMBEDDINGS_DIR, SPLITS
+Run through `python -m vlm.launch` (VLM_NPROC=N for N processes). A rerun keeps the shards that are complete and
+still match (see vlm/data/embed.py), so an interrupted run resumes where it stopped.
+"""
+
+from vlm import distributed
+from vlm.artifacts import BASE_MODELS_DIR, DATASET_DIR, EMBEDDINGS_DIR, METRICS_DIR, SPLITS, write_json
 from vlm.config import load_params
-from vlm.data.embed import embed_split
+from vlm.data.embed import embed_split, remove_all_but
 from vlm.models.backbone import VisionBackbone
 
 
 def main() -> None:
-    params = load_params().backbone
-    backbone = VisionBackbone.from_folder(BASE_MODELS_DIR / "vision", image_size=params.image_size)
-    for split in SPLITS:
-        embed_split(backbone, DATASET_DIR / f"{split}.parquet", EMBEDDINGS_DIR / f"{split}.parquet",
-                    batch_size=params.batch_size, precision=params.precision)
+    distributed.init()
+    try:
+        params = load_params()
+        backbone = VisionBackbone.from_folder(BASE_MODELS_DIR / "vision", image_size=params.backbone.image_size)
+        counts = {}
+        for split in SPLITS:
+            summary = embed_split(backbone, DATASET_DIR / f"{split}.parquet", EMBEDDINGS_DIR / split,
+                                  batch_size=params.backbone.batch_size, precision=params.backbone.precision,
+                                  skip_bad_images=params.data.skip_bad_images)
+            counts.update({f"{split}_images": summary.images, f"{split}_skipped": summary.skipped})
+        if distributed.is_main():
+            remove_all_but(EMBEDDINGS_DIR, set(SPLITS))  # e.g. the single-file {split}.parquet of older runs
+            write_json(METRICS_DIR / "embed.json", counts)
+            print("embed:", counts)
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import json
 
 from vlm.artifacts import DATASET_DIR, EMBEDDINGS_DIR, METRICS_DIR, PREDICTIONS_DIR, VLM_DIR, write_json
 from vlm.config import load_params
-from vlm.data.embeddings import load_embeddings
+from vlm.data.embeddings import expected_metadata, load_embeddings
 from vlm.eval.run import evaluate
 from vlm.models.vlm import VisionLanguageModel
 from vlm.train.stage2 import load_tasks
@@ -17,7 +17,7 @@ from vlm.train.stage2 import load_tasks
 def main() -> None:
     params = load_params()
     model = VisionLanguageModel.load(VLM_DIR)
-    embeddings = load_embeddings(EMBEDDINGS_DIR / "test.parquet")
+    embeddings = load_embeddings(EMBEDDINGS_DIR / "test", expect=expected_metadata(params.backbone))
     caption_tasks, vqa_tasks = load_tasks(DATASET_DIR / "test.parquet", params.llm)
     metrics, records = evaluate(model, embeddings, caption_tasks, vqa_tasks, params.eval)
     PREDICTIONS_DIR.mkdir(exist_ok=True)

@@ -2,24 +2,38 @@
 
 from pathlib import Path
 
-from vlm.artifacts import BASE_MODELS_DIR, DATASET_DIR, EMBEDDINGS_DIR, METRICS_DIR, QFORMER_DIR, write_json
+from vlm import distributed
+from vlm.artifacts import (
+    BASE_MODELS_DIR,
+    CHECKPOINTS_DIR,
+    DATASET_DIR,
+    EMBEDDINGS_DIR,
+    METRICS_DIR,
+    QFORMER_DIR,
+    write_json,
+)
 from vlm.config import load_params
-from vlm.data.embeddings import gather, load_embeddings
+from vlm.data.embeddings import expected_metadata, gather, load_embeddings
 from vlm.eval.retrieval import retrieval_metrics
 from vlm.precision import effective_precision
 from vlm.train.stage1 import caption_table, train_qformer
 
 
 def main() -> None:
+    distributed.init()  # under torchrun (VLM_NPROC > 1): join the process group; else a no-op
     params = load_params()
-    train_embeddings = load_embeddings(EMBEDDINGS_DIR / "train.parquet")
+    train_embeddings = load_embeddings(EMBEDDINGS_DIR / "train", expect=expected_metadata(params.backbone))
     qformer, metrics = train_qformer(BASE_MODELS_DIR / "bert", train_embeddings, DATASET_DIR / "train.parquet",
-                                     params.qformer, params.train_qformer, log_dir=Path("dvclive/train_qformer"))
+                                     params.qformer, params.train_qformer, log_dir=Path("dvclive/train_qformer"),
+                                     checkpoint_dir=CHECKPOINTS_DIR / "train_qformer")
+    if not distributed.is_main():  # every rank holds the same weights; one writes them and evaluates
+        distributed.shutdown()
+        return
     qformer.save(QFORMER_DIR)
 
     # Retrieval on the held-out test split: every caption against every image. ITM re-ranking only when ITM
     # trained (untrained, its head is noise, and the re-ranking is most of the evaluation's cost).
-    test_embeddings = load_embeddings(EMBEDDINGS_DIR / "test.parquet")
+    test_embeddings = load_embeddings(EMBEDDINGS_DIR / "test", expect=expected_metadata(params.backbone))
     image_ids, captions = caption_table(DATASET_DIR / "test.parquet")
     texts = [c for caps in captions for c in caps]
     text_image_index = [i for i, caps in enumerate(captions) for _ in caps]
@@ -29,6 +43,7 @@ def main() -> None:
     metrics["precision"] = effective_precision(params.train_qformer.precision)
     write_json(METRICS_DIR / "train_qformer.json", metrics)
     print("train_qformer:", metrics)
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,15 @@ from tiny_qformer import single_torch_thread  # noqa: F401 (autouse fixture)
 
 from vlm.data.dataset_io import decode_image, write_split
 from vlm.data.embed import embed_split
-from vlm.data.embeddings import EmbeddingStoreError, EmbeddingWriter, gather, load_embeddings, read_metadata
+from vlm.data.embeddings import (
+    EmbeddingStoreError,
+    EmbeddingWriter,
+    available,
+    gather,
+    load_embeddings,
+    read_metadata,
+    shard_name,
+)
 from vlm.data.synthetic import generate_records
 from vlm.models.backbone import VisionBackbone
 from vlm.weights.sources import materialise
@@ -111,8 +119,11 @@ def test_gather_follows_the_requested_order_and_names_unknown_ids(tmp_path: Path
     wanted = ["img-004", "img-000", "img-004", "img-002"]
     rows = [int(i[-3:]) for i in wanted]
     assert torch.equal(gather(loaded, wanted), batches[0][1][rows].to(torch.float16))
-    with pytest.raises(EmbeddingStoreError, match="'img-999'"):
+    with pytest.raises(KeyError, match="'img-999'"):
         gather(loaded, ["img-001", "img-999"])
+    with pytest.raises(EmbeddingStoreError, match="skip_bad_images"):  # still an EmbeddingStoreError too
+        gather(loaded, ["img-999"])
+    assert available(loaded, ["img-999", "img-003", "img-x", "img-001"]) == ["img-003", "img-001"]
 
 
 def test_embed_split_writes_one_row_per_image_with_backbone_metadata(tmp_path: Path) -> None:
@@ -123,11 +134,12 @@ def test_embed_split_writes_one_row_per_image_with_backbone_metadata(tmp_path: P
     dataset = tmp_path / "test.parquet"
     write_split(records, dataset)
 
-    out = tmp_path / "embeddings" / "test.parquet"
-    count = embed_split(backbone, dataset, out, batch_size=2, precision="fp32")  # 2 + 2 + 1: a partial batch
+    out = tmp_path / "embeddings" / "test"
+    summary = embed_split(backbone, dataset, out, batch_size=2, precision="fp32")  # 2 + 2 + 1: a partial batch
 
     loaded = load_embeddings(out, expect={"image_size": VISION_IMAGE_SIZE, "backbone_source": str(source)})
-    assert count == 5
+    assert (summary.images, summary.skipped) == (5, 0)
+    assert [p.name for p in out.iterdir()] == ["shard-00000.parquet"]
     assert loaded.image_ids == [r["image_id"] for r in records]
     assert loaded.tokens.shape == (5, backbone.num_tokens, VISION_WIDTH)
     assert backbone.num_tokens == (VISION_IMAGE_SIZE // 14) ** 2 + 1
@@ -141,3 +153,62 @@ def test_embed_split_writes_one_row_per_image_with_backbone_metadata(tmp_path: P
     torch.testing.assert_close(loaded.tokens[3:5], expected, atol=1e-3, rtol=1e-3)
     # Distinct images give distinct embeddings (a backbone fed the same batch twice would not).
     assert not torch.equal(loaded.tokens[0], loaded.tokens[1])
+
+
+def write_shards(directory: Path, batches: list[tuple[list[str], torch.Tensor]], split_rows: int | None = None,
+                 **overrides: str) -> None:
+    """One shard per batch, with the row ranges (and skip counts) the embed stage writes."""
+    start = 0
+    for index, (ids, tokens) in enumerate(batches):
+        metadata = {**METADATA, "split_rows": str(split_rows or sum(len(i) for i, _ in batches)),
+                    "shard_start": str(start), "shard_stop": str(start + len(ids)), "skipped": "0"}
+        with EmbeddingWriter(directory / shard_name(index), TOKENS, HIDDEN, {**metadata, **overrides}) as writer:
+            writer.write(ids, tokens)
+        start += len(ids)
+
+
+def test_a_shard_directory_loads_like_one_file(tmp_path: Path) -> None:
+    batches = random_batches([4, 4, 3])
+    write_store(tmp_path / "one.parquet", batches)
+    write_shards(tmp_path / "sharded", batches)
+
+    single, sharded = load_embeddings(tmp_path / "one.parquet"), load_embeddings(tmp_path / "sharded", expect=METADATA)
+    assert sharded.image_ids == single.image_ids
+    assert torch.equal(sharded.tokens, single.tokens)
+    assert "shard_start" not in sharded.metadata and sharded.metadata["backbone_name"] == "hf:Test"
+    assert read_metadata(tmp_path / "sharded") == sharded.metadata
+
+
+def test_shard_directory_with_a_gap_or_a_missing_tail_is_refused(tmp_path: Path) -> None:
+    write_shards(tmp_path / "emb", random_batches([2, 2, 2]))
+    (tmp_path / "emb" / shard_name(1)).unlink()
+    with pytest.raises(EmbeddingStoreError, match=r"rows 2\.\.3 .*dvc repro embed"):
+        load_embeddings(tmp_path / "emb")
+    write_shards(tmp_path / "tail", random_batches([2, 2]), split_rows=6)
+    with pytest.raises(EmbeddingStoreError, match="end at row 4 of 6"):
+        load_embeddings(tmp_path / "tail")
+
+
+def test_shards_from_different_runs_are_refused_naming_the_key(tmp_path: Path) -> None:
+    write_shards(tmp_path / "emb", random_batches([2, 2]))
+    ids, tokens = random_batches([2, 2])[1]
+    with EmbeddingWriter(tmp_path / "emb" / shard_name(1), TOKENS, HIDDEN,
+                         {**METADATA, "image_size": "112", "split_rows": "4", "shard_start": "2", "shard_stop": "4",
+                          "skipped": "0"}) as writer:
+        writer.write(ids, tokens)
+    with pytest.raises(EmbeddingStoreError, match=r"shard-00001\.parquet: image_size='112'.*'56'"):
+        load_embeddings(tmp_path / "emb")
+
+
+def test_params_mismatch_on_shards_names_the_file_key_and_fix(tmp_path: Path) -> None:
+    write_shards(tmp_path / "emb", random_batches([2, 2]))
+    with pytest.raises(EmbeddingStoreError,
+                       match=r"shard-00000\.parquet: made with image_size='56' but params say '224'.*dvc repro embed"):
+        load_embeddings(tmp_path / "emb", expect={"image_size": 224})
+
+
+def test_missing_shard_directory_points_at_the_embed_stage(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    for path in (tmp_path / "absent", tmp_path / "empty"):
+        with pytest.raises(EmbeddingStoreError, match="dvc repro embed"):
+            load_embeddings(path)

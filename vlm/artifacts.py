@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 DATASET_DIR = Path("data/dataset")          # data stage: {split}.parquet (images + captions + QA)
-EMBEDDINGS_DIR = Path("data/embeddings")    # embed stage: {split}.parquet (patch embeddings)
+EMBEDDINGS_DIR = Path("data/embeddings")    # embed stage: {split}/shard-NNNNN.parquet (patch embeddings)
 BASE_MODELS_DIR = Path("models/base")       # weights stage: vision/, bert/, llm/ (standard HF folders)
 QFORMER_DIR = Path("models/qformer")        # train_qformer stage
 VLM_DIR = Path("models/vlm")                # train_vlm stage: qformer/, projector, LoRA adapter

@@ -11,7 +11,7 @@ from vlm.config import EvalConfig
 from vlm.data.embeddings import Embeddings, gather
 from vlm.eval.scoring import score_captions, score_vqa
 from vlm.models.vlm import VisionLanguageModel
-from vlm.train.stage2 import Task
+from vlm.train.stage2 import Task, with_embeddings
 
 
 def predict(model: VisionLanguageModel, embeddings: Embeddings, tasks: Sequence[Task], config: EvalConfig,
@@ -30,6 +30,7 @@ def predict(model: VisionLanguageModel, embeddings: Embeddings, tasks: Sequence[
 def evaluate(model: VisionLanguageModel, embeddings: Embeddings, caption_tasks: list[Task], vqa_tasks: list[Task],
              config: EvalConfig) -> tuple[dict[str, float | str], list[dict]]:
     """(flat metrics, one prediction record per task)."""
+    caption_tasks, vqa_tasks = with_embeddings(embeddings, caption_tasks), with_embeddings(embeddings, vqa_tasks)
     if config.max_images:
         keep = set(sorted({t.image_id for t in caption_tasks + vqa_tasks})[:config.max_images])
         caption_tasks = [t for t in caption_tasks if t.image_id in keep]

@@ -12,7 +12,7 @@ import torch
 from vlm import distributed
 from vlm.config import QFormerConfig, TrainConfig
 from vlm.data.dataset_io import read_split
-from vlm.data.embeddings import Embeddings, gather
+from vlm.data.embeddings import Embeddings, available, gather
 from vlm.losses import stage1_losses
 from vlm.models.qformer import QFormer
 from vlm.train.checkpoint import Checkpointer
@@ -65,6 +65,8 @@ def train_qformer(bert_dir: Path, embeddings: Embeddings, dataset_path: Path, qf
                                 separate_query_ffn=qformer_config.separate_query_ffn,
                                 embed_dim=qformer_config.embed_dim, max_text_len=qformer_config.max_text_len)
     image_ids, captions = caption_table(dataset_path)
+    keep = set(available(embeddings, image_ids))  # images `embed` skipped as unreadable have no embedding
+    image_ids, captions = [i for i in image_ids if i in keep], [c for i, c in zip(image_ids, captions) if i in keep]
     batch_size = min(train_config.batch_size, len(image_ids))
     steps = max(1, math.ceil(train_config.epochs * (len(image_ids) // batch_size)))
     batches = caption_batches(embeddings, image_ids, captions, qformer, batch_size, train_config.seed)

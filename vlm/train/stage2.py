@@ -18,7 +18,7 @@ import torch
 from vlm import distributed
 from vlm.config import LLMConfig, VLMTrainConfig
 from vlm.data.dataset_io import read_split
-from vlm.data.embeddings import Embeddings, gather
+from vlm.data.embeddings import Embeddings, available, gather
 from vlm.models.prompt import ChatPrompt, Example
 from vlm.models.vlm import VisionLanguageModel
 from vlm.train.checkpoint import Checkpointer
@@ -49,6 +49,12 @@ def load_tasks(dataset_path: Path, llm: LLMConfig) -> tuple[list[Task], list[Tas
         for question, answers, kind in zip(row["questions"], row["answers"], row["question_types"]):
             questions.append(Task(row["image_id"], kind, question_instruction(question, llm), tuple(answers)))
     return captions, questions
+
+
+def with_embeddings(embeddings: Embeddings, tasks: list[Task]) -> list[Task]:
+    """The tasks whose image has an embedding (`embed` leaves out images it skipped as unreadable)."""
+    keep = set(available(embeddings, {task.image_id: None for task in tasks}))
+    return [task for task in tasks if task.image_id in keep]
 
 
 def image_conversations(tasks: list[Task], prompt: ChatPrompt, rng: random.Random
@@ -86,7 +92,7 @@ def train_vlm(model: VisionLanguageModel, embeddings: Embeddings, dataset_path: 
     else shaped the run, e.g. the model's params)."""
     torch.manual_seed(config.seed)
     caption_tasks, vqa_tasks = load_tasks(dataset_path, llm)
-    tasks = caption_tasks + vqa_tasks
+    tasks = with_embeddings(embeddings, caption_tasks + vqa_tasks)
     images = len({task.image_id for task in tasks})
     batch_size = min(config.batch_size, images)
     steps = max(1, math.ceil(config.epochs * images / batch_size))
