@@ -1,6 +1,6 @@
 """A few steps of a training stage on tiny data; run by test_distributed.py in 1 process or under torchrun.
 
-    python tests/train_worker.py {qformer|vlm} WORK_DIR LOG_DIR
+    python tests/train_worker.py {qformer|vlm|qformer-gradients} WORK_DIR OUT_DIR
 
 WORK_DIR holds what the test prepared once (dataset.parquet, bert/, qformer/, llm/), so every process and every
 run starts from identical files. The per-step losses land in LOG_DIR (DVCLive), written by rank 0 only.
@@ -16,8 +16,10 @@ import torch
 from vlm import distributed
 from vlm.config import LLMConfig, LoraConfig, QFormerConfig, QFormerLossWeights, TrainConfig, VLMTrainConfig
 from vlm.data.embeddings import Embeddings
+from vlm.losses import stage1_losses
+from vlm.models.qformer import QFormer
 from vlm.models.vlm import VisionLanguageModel
-from vlm.train.stage1 import caption_table, train_qformer
+from vlm.train.stage1 import caption_batches, caption_table, train_qformer
 from vlm.train.stage2 import train_vlm
 
 IMAGE_TOKENS, IMAGE_WIDTH = 5, 12
@@ -55,12 +57,30 @@ def run_vlm(work: Path, log_dir: Path, checkpoint_dir: Path | None = None, check
     return model, metrics
 
 
+def qformer_gradients(work: Path, out_dir: Path) -> None:
+    """The stage-1 gradient of one global batch (ITC + ITG), averaged over ranks, saved by rank 0."""
+    dataset = work / "dataset.parquet"
+    qformer = QFormer.load(work / "qformer").train()
+    image_ids, captions = caption_table(dataset)
+    batch = next(caption_batches(tiny_embeddings(dataset), image_ids, captions, qformer, GLOBAL_BATCH, seed=0))
+    images, ids, mask, rows = (part[distributed.local_slice(GLOBAL_BATCH)] for part in batch)
+    losses = stage1_losses(qformer, images, ids, mask, rows, {"itc": 1.0, "itg": 1.0},
+                           gather_fn=distributed.all_gather_with_grad)
+    losses["loss"].backward()
+    parameters = [p for p in qformer.parameters() if p.requires_grad]
+    distributed.average_gradients(parameters)
+    if distributed.is_main():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({name: p.grad for name, p in qformer.named_parameters() if p.grad is not None},
+                   out_dir / "gradients.pt")
+
+
 def main() -> None:
-    stage, work, log_dir = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    stage, work, out_dir = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     torch.set_num_threads(1)
     distributed.init()
-    run = {"qformer": run_qformer, "vlm": run_vlm}[stage]
-    run(work, log_dir)
+    run = {"qformer": run_qformer, "vlm": run_vlm, "qformer-gradients": qformer_gradients}[stage]
+    run(work, out_dir)
     distributed.shutdown()
 
 

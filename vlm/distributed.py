@@ -46,16 +46,41 @@ def barrier() -> None:
         dist.barrier()
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the sum, over ranks, of the gradient of its own slice.
+
+    Written out rather than torch.distributed.nn.functional.all_gather: with gloo, that one's backward gave wrong
+    gradients for the ITC text features (measured: 140% relative error against one process, while the image
+    features, gathered the same way, were exact), plausibly a non-contiguous gradient reaching its gloo path.
+    An all_reduce of the contiguous gradient followed by a slice is the same reduce-scatter, on every backend.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        ctx.rows = tensor.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[rank() * ctx.rows:(rank() + 1) * ctx.rows]
+
+
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate `tensor` from every rank along dim 0, keeping the gradient path to this rank's part.
+    """Concatenate `tensor` from every rank along dim 0 (equal sizes), keeping the gradient path to this rank's part.
 
     ITC uses it so every rank contrasts against the whole global batch (BLIP-2's negatives across GPUs).
     """
     if world_size() == 1:
         return tensor
-    from torch.distributed.nn.functional import all_gather  # autograd-aware: gradients flow back to each rank
-
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+    if not tensor.requires_grad:  # e.g. image ids
+        parts = [torch.empty_like(tensor) for _ in range(world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+    return _GatherWithGrad.apply(tensor)
 
 
 def average_gradients(parameters: list[torch.nn.Parameter]) -> None:
