@@ -19,6 +19,7 @@ from vlm.data.dataset_io import write_split
 from vlm.data.synthetic import generate_records
 from vlm.models.vlm import VisionLanguageModel
 from vlm.train import stage1
+from vlm.train.loop import NonFiniteLossError
 
 WORKER = Path(__file__).with_name("train_worker.py")
 
@@ -121,6 +122,25 @@ def test_a_killed_vlm_run_resumes_to_the_same_weights(work, tmp_path, monkeypatc
         changed += name in trainable
     assert changed > 0
     assert logged(tmp_path / "run") == logged(tmp_path / "ref")
+
+
+def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(work, tmp_path,
+                                                                                 monkeypatch) -> None:
+    calls = {"n": 0}
+    real = stage1.stage1_losses
+
+    def poisoned(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:  # step index 3
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(stage1, "stage1_losses", poisoned)
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(NonFiniteLossError, match=r"not finite at step 3.*last good checkpoint is .*last\.pt"):
+        run_qformer(work, tmp_path / "run", checkpoints, checkpoint_every=2)
+    assert torch.load(checkpoints / "last.pt", weights_only=True)["step"] == 2
 
 
 def test_a_checkpoint_of_another_run_is_not_resumed(work, tmp_path, monkeypatch, capsys) -> None:
