@@ -1,8 +1,7 @@
 """DVC stage `train_vlm`: Q-Former + MLP projector + LoRA on the frozen LLM, on captions and VQA together."""
 
-from pathlib import Path
-
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 

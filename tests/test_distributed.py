@@ -90,13 +90,18 @@ def interrupt_at(call: int, function):
     return wrapped
 
 
+def crash_qformer_run(work: Path, log_dir: Path, checkpoints: Path, monkeypatch) -> None:
+    """A stage-1 run with checkpoints every 2 steps that dies inside step 4 (after step 2's checkpoint)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(stage1, "stage1_losses", interrupt_at(4, stage1.stage1_losses))
+        with pytest.raises(Interrupt):
+            run_qformer(work, log_dir, checkpoints, checkpoint_every=2)
+
+
 def test_a_killed_qformer_run_resumes_to_the_same_weights_and_curves(work, tmp_path, monkeypatch) -> None:
     reference, reference_metrics = run_qformer(work, tmp_path / "ref")
     checkpoints = tmp_path / "checkpoints"
-    with monkeypatch.context() as patch:
-        patch.setattr(stage1, "stage1_losses", interrupt_at(4, stage1.stage1_losses))  # dies in step 4
-        with pytest.raises(Interrupt):
-            run_qformer(work, tmp_path / "run", checkpoints, checkpoint_every=2)
+    crash_qformer_run(work, tmp_path / "run", checkpoints, monkeypatch)
     assert (checkpoints / "last.pt").is_file()  # step 2's checkpoint survived the crash
     resumed, resumed_metrics = run_qformer(work, tmp_path / "run", checkpoints, checkpoint_every=2)
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items()):
@@ -145,10 +150,7 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpo
 
 def test_a_checkpoint_of_another_run_is_not_resumed(work, tmp_path, monkeypatch, capsys) -> None:
     checkpoints = tmp_path / "checkpoints"
-    with monkeypatch.context() as patch:
-        patch.setattr(stage1, "stage1_losses", interrupt_at(4, stage1.stage1_losses))
-        with pytest.raises(Interrupt):
-            run_qformer(work, tmp_path / "run", checkpoints, checkpoint_every=2)
+    crash_qformer_run(work, tmp_path / "run", checkpoints, monkeypatch)
     # Same stage, other params (checkpoint_every is part of the run's params): a fresh start, not a resume.
     _, metrics = run_qformer(work, tmp_path / "other", checkpoints, checkpoint_every=3)
     assert "different run" in capsys.readouterr().out

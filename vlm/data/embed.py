@@ -167,11 +167,15 @@ def _skipped_in(path: Path, shard: Shard, metadata: dict[str, str]) -> int | Non
     return int(skipped)
 
 
-def _is_done(path: Path, shard: Shard, metadata: dict[str, str], skip_bad_images: bool) -> bool:
-    skipped = _skipped_in(path, shard, metadata)
-    # A shard that left images out is only acceptable while skipping is allowed: with skip_bad_images off, it is
-    # re-embedded so that the bad image stops the run as it would have on a fresh one.
+def _done(skipped: int | None, skip_bad_images: bool) -> bool:
+    """Whether a shard with this skip count (None: absent or stale) is finished for this run. A shard that left
+    images out is only acceptable while skipping is allowed: with skip_bad_images off, it is re-embedded so that
+    the bad image stops the run as it would have on a fresh one."""
     return skipped is not None and (skipped == 0 or skip_bad_images)
+
+
+def _is_done(path: Path, shard: Shard, metadata: dict[str, str], skip_bad_images: bool) -> bool:
+    return _done(_skipped_in(path, shard, metadata), skip_bad_images)
 
 
 def _summarise(dataset_path: Path, out_dir: Path, shards: list[Shard], metadata: dict[str, str],
@@ -180,10 +184,11 @@ def _summarise(dataset_path: Path, out_dir: Path, shards: list[Shard], metadata:
     skipped = 0
     for shard in shards:
         path = out_dir / shard.name
-        if not _is_done(path, shard, metadata, skip_bad_images):
+        in_shard = _skipped_in(path, shard, metadata)  # one footer read per shard
+        if not _done(in_shard, skip_bad_images):
             raise EmbeddingStoreError(f"{path}: missing or stale right after embedding; was {out_dir} changed "
                                       "while `embed` ran? Rerun `dvc repro embed`")
-        skipped += _skipped_in(path, shard, metadata) or 0
+        skipped += in_shard
     total = shards[-1].stop
     if skipped == total:
         raise DatasetError(f"{dataset_path}: all {total} images are unreadable (skipped); nothing to embed")

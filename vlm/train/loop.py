@@ -68,19 +68,19 @@ def train(parameters: list[torch.nn.Parameter] | list[dict], step_losses: StepLo
             break
         with autocast(config.precision):
             losses = step_losses(batch)
-        loss = losses["loss"]
-        if not torch.isfinite(distributed.all_reduce_mean(loss)):
+        # Means over ranks, reduced once: they are both what gets logged and what the NaN guard checks.
+        values = {f"train/{name}": float(distributed.all_reduce_mean(value)) for name, value in losses.items()}
+        if not math.isfinite(values["train/loss"]):
             kept = f"; the last good checkpoint is {checkpointer.path}" if checkpointer and checkpointer.path.exists() \
                 else ""
             raise NonFiniteLossError(f"{description}: loss is not finite at step {step}; lower the learning rate "
                                      f"or check the inputs (no update was applied for this step{kept})")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses["loss"].backward()
         distributed.average_gradients(parameters)
         torch.nn.utils.clip_grad_norm_(parameters, max_norm=1.0)
         optimizer.step()
         schedule.step()
-        values = {f"train/{name}": float(distributed.all_reduce_mean(value)) for name, value in losses.items()}
         values["train/lr"] = schedule.get_last_lr()[0]
         history.append(values)
         _log(live, values, smoothed)
