@@ -12,9 +12,11 @@ import os
 import platform
 import resource
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 GOAL_OPS = {">=": lambda value, goal: value >= goal, "<=": lambda value, goal: value <= goal,
             "==": lambda value, goal: value == goal}
@@ -66,6 +68,35 @@ def side_by_side(first: Callable[[], object], second: Callable[[], object], repe
     return min(times[0]), min(times[1])
 
 
+class ForwardClock:
+    """Seconds and calls of a module's forward, per kind of call: `label(args, kwargs)` names each call's kind
+    (e.g. prompt pass or decode step). A profile measured inside a run, so a slow spell of the machine that
+    stretches the whole run stretches both the part and the whole."""
+
+    def __init__(self, module: Any, label: Callable[[tuple, dict], str] = lambda args, kwargs: "forward"):
+        self.label = label
+        self.reset()
+        self._start, self._kind = 0.0, ""
+        self._handles = [module.register_forward_pre_hook(self._before, with_kwargs=True),
+                         module.register_forward_hook(self._after, with_kwargs=True)]
+
+    def _before(self, module, args, kwargs) -> None:
+        self._kind = self.label(args, kwargs)
+        self._start = time.perf_counter()
+
+    def _after(self, module, args, kwargs, output) -> None:
+        self.seconds[self._kind] += time.perf_counter() - self._start
+        self.calls[self._kind] += 1
+
+    def reset(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 def ratio(numerator: float, denominator: float) -> float:
     if denominator <= 0:
         raise ValueError(f"cannot divide by {denominator}: the denominator of a ratio must be positive")
@@ -77,9 +108,30 @@ def rate_ratio(count_a: float, seconds_a: float, count_b: float, seconds_b: floa
     return ratio(ratio(count_a, seconds_a), ratio(count_b, seconds_b))
 
 
+def _proc_status_mib(field: str) -> float | None:
+    """A memory line of /proc/self/status (Linux, in kB) in MiB; None where there is no such file."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_rss_mib() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set size so far, in MiB.
+
+    Linux's VmHWM, not getrusage's ru_maxrss: a child started by subprocess (vfork + exec) inherits its
+    parent's ru_maxrss, so a small child spawned by a large benchmark process reports the parent's peak
+    (measured: 1920 MiB in a child whose own peak was 13 MiB). ru_maxrss only where /proc is missing."""
+    peak = _proc_status_mib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mib() -> float:
+    """This process's resident set size now, in MiB (0 where /proc is missing)."""
+    return _proc_status_mib("VmRSS") or 0.0
 
 
 @dataclass
@@ -112,11 +164,12 @@ class Figure:
 def table(figures: list[Figure], description: dict[str, object]) -> str:
     """The figures as a plain-text table, the machine's description on top."""
     lines = ["machine: " + ", ".join(f"{k} {v}" for k, v in description.items()), ""]
-    header = f"{'benchmark':<44} {'ratio':>8}  {'goal':<8} {'met':<4} measured side by side"
+    width = max([len(figure.title) for figure in figures] + [len("benchmark")])
+    header = f"{'benchmark':<{width}} {'value':>8}  {'goal':<8} {'met':<4} measured side by side"
     lines += [header, "-" * len(header)]
     for figure in figures:
         met = {True: "yes", False: "NO", None: "-"}[figure.met()]
-        lines.append(f"{figure.title:<44} {figure.value:>8.3f}  {figure.goal or '-':<8} {met:<4} {figure.note}")
+        lines.append(f"{figure.title:<{width}} {figure.value:>8.3f}  {figure.goal or '-':<8} {met:<4} {figure.note}")
     return "\n".join(lines)
 
 

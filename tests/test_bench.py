@@ -105,3 +105,43 @@ def test_step_flops_match_torch_flop_counter_on_a_tiny_vlm(tmp_path: Path) -> No
 def test_matmul_peak_reports_flops_of_the_size_it_timed() -> None:
     flops, size = matmul_peak(torch.float32, repeats=1, min_seconds=0.0, max_size=128)
     assert size == 128 and flops > 0
+
+
+def test_profile_summary_gives_each_sample_to_the_first_matching_label() -> None:
+    from benchmarks.profile_summary import summarise
+
+    lines = ["main (a.py:1);train (loop.py:9);VisionBackbone.forward (backbone.py:5) 3",
+             "main (a.py:1);train (loop.py:9);backward (torch.py:2) 2",
+             "main (a.py:1);idle (a.py:3) 1",
+             "not a stack line"]
+    counts = summarise(lines, [("backbone", "VisionBackbone.forward"), ("training", "train")])
+    assert counts == {"backbone": 3, "training": 2, "other": 1}
+
+
+def test_peak_rss_is_the_childs_own_not_the_parents() -> None:
+    """getrusage's ru_maxrss of a child started by subprocess reports the parent's peak; peak_rss_mib must not."""
+    import subprocess
+
+    from benchmarks.harness import peak_rss_mib, rss_mib
+
+    parent = peak_rss_mib()  # this process has imported torch and transformers: hundreds of MiB
+    child = subprocess.run([sys.executable, "-c", "from benchmarks.harness import peak_rss_mib; print(peak_rss_mib())"],
+                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True)
+    assert 0 < float(child.stdout) < parent / 2
+    now = rss_mib()
+    assert 0 < now <= peak_rss_mib()
+
+
+def test_forward_clock_times_each_kind_of_call() -> None:
+    from benchmarks.harness import ForwardClock
+
+    layer = torch.nn.Linear(4, 4)
+    clock = ForwardClock(layer, lambda args, kwargs: "many" if args[0].shape[0] > 1 else "one")
+    layer(torch.zeros(3, 4))
+    layer(torch.zeros(1, 4))
+    layer(torch.zeros(1, 4))
+    assert dict(clock.calls) == {"many": 1, "one": 2}
+    assert set(clock.seconds) == {"many", "one"} and all(s >= 0 for s in clock.seconds.values())
+    clock.remove()
+    layer(torch.zeros(1, 4))
+    assert clock.calls["one"] == 2
