@@ -9,7 +9,7 @@ since batching with left padding may flip a near-tie. Goal ≥ 5.
 Hooks on the LLM's forward split each side's time into prompt passes (prefill: the whole prompt, system +
 visual tokens + question, in one forward) and decode steps (one new token per row), which is where batching
 can and cannot help: a batch shares each decode step's weight reads among its rows, while a prompt pass is
-already a matrix of ~40 tokens per sample either way.
+already a matrix of ~38 tokens per sample either way.
 
 The model is the trained one when `--vlm` names a `train_vlm` output, else a fresh one (Q-Former from BERT,
 new projector, zero-initialised LoRA: the base LLM answering about random visual tokens), which runs to the
@@ -82,6 +82,8 @@ def run(ws: Workspace, images: int, vlm_dir: Path | None = None, repeats: int = 
 
     single_out, batched_out = outputs[single.batch_size], outputs[batched.batch_size]
     single_tokens, batched_tokens = tokens(single_out), tokens(batched_out)
+    shared = len(model.prompt.prefix_ids) + model.qformer.config.num_queries  # system turn + visual tokens
+    prompt_tokens = sum(shared + len(model.prompt.user_ids(task.instruction)) for task in captions + questions)
     same = sum(a == b for a, b in zip(single_out, batched_out)) / len(single_out)
     value = rate_ratio(batched_tokens, batched_s, single_tokens, single_s)
     return Figure(
@@ -94,6 +96,7 @@ def run(ws: Workspace, images: int, vlm_dir: Path | None = None, repeats: int = 
                  "batched_prompt_s": batched_prefill, "batched_decode_s": batched_decode,
                  "single_prompt_s": single_prefill, "single_decode_s": single_decode,
                  "batched_decode_steps": batched_steps, "single_decode_steps": single_steps,
+                 "prompt_tokens": prompt_tokens,
                  "prompt_speedup": ratio(single_prefill, batched_prefill),
                  "decode_speedup": ratio(single_decode, batched_decode)},
         note=f"{batched_tokens / batched_s:.0f} vs {single_tokens / single_s:.0f} tok/s ({len(captions)} captions + "

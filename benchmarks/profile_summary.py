@@ -4,9 +4,9 @@
     .venv/bin/python -m benchmarks.profile_summary prof.txt "backbone=VisionBackbone.forward" \\
         "decode=decode_image" "preprocess=VisionBackbone.preprocess" "backward=backward" ...
 
-Each LABEL=PATTERN counts the samples with a frame whose function name contains PATTERN; a sample is given to
-the first label that matches it, so list inner regions before the outer ones that contain them. The rest is
-reported as "other". py-spy's raw format is one line per distinct stack: `frame;frame;...;frame COUNT`.
+Each LABEL=PATTERN counts the samples with a frame whose function name contains PATTERN (PATTERN&PATTERN: a
+frame for each); a sample is given to the first label that matches it, so list inner regions before the outer
+ones that contain them. The rest is reported as "other". py-spy's raw format is one line per distinct stack: `frame;frame;...;frame COUNT`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def summarise(lines: list[str], groups: list[tuple[str, str]]) -> dict[str, int]
         if not stack or not count.isdigit():
             continue
         functions = [frame.split(" (", 1)[0] for frame in stack.split(";")]
-        label = next((label for label, pattern in groups if any(pattern in f for f in functions)), "other")
+        label = next((label for label, patterns in groups
+                      if all(any(part in f for f in functions) for part in patterns.split("&"))), "other")
         counts[label] += int(count)
     return counts
 

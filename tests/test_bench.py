@@ -116,6 +116,8 @@ def test_profile_summary_gives_each_sample_to_the_first_matching_label() -> None
              "not a stack line"]
     counts = summarise(lines, [("backbone", "VisionBackbone.forward"), ("training", "train")])
     assert counts == {"backbone": 3, "training": 2, "other": 1}
+    both = summarise(lines, [("train+backward", "train&backward"), ("main", "main")])
+    assert both == {"train+backward": 2, "main": 4, "other": 0}
 
 
 def test_peak_rss_is_the_childs_own_not_the_parents() -> None:
