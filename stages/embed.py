@@ -16,6 +16,7 @@ def main() -> None:
     try:
         params = load_params()
         backbone = VisionBackbone.from_folder(BASE_MODELS_DIR / "vision", image_size=params.backbone.image_size)
+        backbone.to(distributed.device())
         counts = {}
         for split in SPLITS:
             summary = embed_split(backbone, DATASET_DIR / f"{split}.parquet", EMBEDDINGS_DIR / split,

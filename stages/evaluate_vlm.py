@@ -6,6 +6,7 @@ would shadow the Hugging Face `evaluate` library that the metrics are loaded wit
 
 import json
 
+from vlm import distributed
 from vlm.artifacts import DATASET_DIR, EMBEDDINGS_DIR, METRICS_DIR, PREDICTIONS_DIR, VLM_DIR, write_json
 from vlm.config import load_params
 from vlm.data.embeddings import expected_metadata, load_embeddings
@@ -16,7 +17,7 @@ from vlm.train.stage2 import load_tasks
 
 def main() -> None:
     params = load_params()
-    model = VisionLanguageModel.load(VLM_DIR)
+    model = VisionLanguageModel.load(VLM_DIR).to(distributed.device())
     embeddings = load_embeddings(EMBEDDINGS_DIR / "test", expect=expected_metadata(params.backbone))
     caption_tasks, vqa_tasks = load_tasks(DATASET_DIR / "test.parquet", params.llm)
     metrics, records = evaluate(model, embeddings, caption_tasks, vqa_tasks, params.eval)

@@ -15,6 +15,7 @@ from tiny_models import tiny_llm
 from tiny_qformer import single_torch_thread, tiny_qformer  # noqa: F401 (autouse fixture)
 from train_worker import run_qformer, run_vlm
 
+from vlm import distributed
 from vlm.data.dataset_io import write_split
 from vlm.data.synthetic import generate_records
 from vlm.models.vlm import VisionLanguageModel
@@ -163,3 +164,11 @@ def test_the_same_seed_gives_the_same_run_twice(work, tmp_path) -> None:
     assert first_metrics == second_metrics
     assert logged(tmp_path / "a") == logged(tmp_path / "b")
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+def test_each_process_computes_on_its_own_gpu_or_the_cpu(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.device() == torch.device("cuda", 1)

@@ -80,7 +80,7 @@ class VisionLanguageModel(nn.Module):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         try:
             self.qformer.save(tmp / "qformer")
-            save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()},
+            save_file({k: v.contiguous().cpu() for k, v in self.projector.state_dict().items()},
                       tmp / "projector.safetensors")
             self.llm.save_pretrained(tmp / "adapter")
             config = {"projector": self.projector.config(), "system_prompt": self.prompt.system_prompt,
@@ -131,7 +131,7 @@ class VisionLanguageModel(nn.Module):
         """
         self._check_context(rows, image_embeds.shape[0])
         visual = self.visual_tokens(image_embeds)
-        layout = pack(self.prompt.prefix_ids, visual.shape[1], rows, self.pad_id, left_pad)
+        layout = pack(self.prompt.prefix_ids, visual.shape[1], rows, self.pad_id, left_pad).to(visual.device)
         embeds = self.llm.get_input_embeddings()(layout.ids).to(visual.dtype)
         embeds = embeds.masked_scatter(layout.is_visual[..., None], visual.reshape(-1, visual.shape[-1]))
         return embeds, layout

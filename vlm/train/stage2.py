@@ -97,7 +97,7 @@ def train_vlm(model: VisionLanguageModel, embeddings: Embeddings, dataset_path: 
     batch_size = min(config.batch_size, images)
     steps = max(1, math.ceil(config.epochs * images / batch_size))
     batches = conversation_batches(embeddings, tasks, model.prompt, batch_size, config.seed)
-    model.train()
+    model.to(distributed.device()).train()
     groups = [
         {"params": list(model.projector.parameters()), "lr": config.projector_lr},
         {"params": [p for p in model.qformer.parameters() if p.requires_grad], "lr": config.qformer_lr},
