@@ -1,7 +1,7 @@
 """Importers (COCO captions, VQAv2, JSONL manifests): tiny files in the real formats, through to dataset rows.
 
 Each test writes its data under tmp_path/data/raw and runs from tmp_path, as the `data` stage runs from the
-repository root.
+repository root. The last test runs a JSONL-manifest dataset through the whole pipeline with `dvc repro`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_pipeline import commit_all, init_pipeline_repo, run, set_params, stages_run
 
 from vlm.config import CocoConfig, DataConfig, SplitCounts, SplitFiles, VQAv2Config
-from vlm.data.dataset_io import DatasetError
+from vlm.data.dataset_io import DatasetError, iter_split, read_metadata
 from vlm.data.entry import RecordStream
 from vlm.data.imports import import_entries
 
@@ -328,3 +329,57 @@ def test_manifest_missing_image_names_the_line() -> None:
     with pytest.raises(DatasetError, match=r"train\.jsonl:1 \(id 'gone\.png'\): image file not found; looked for "
                                            r"data/raw/m/gone\.png"):
         imported(jsonl_config(path, other, other))
+
+
+# --------------------------------------------------------------------------- end to end with dvc repro
+
+
+def tiny_manifest_dataset(root: Path) -> dict[str, list[str]]:
+    """A JSONL dataset of 8 train, 2 val and 3 test images under root/data/raw/shapes; returns the ids per split."""
+    folder = root / "data" / "raw" / "shapes"
+    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "white": (250, 250, 250)}
+    ids = {}
+    for split, count in (("train", 8), ("val", 2), ("test", 3)):
+        records = []
+        for index in range(count):
+            name, rgb = list(colors.items())[index % len(colors)]
+            image = f"images/{split}-{index}.{'png' if index % 2 else 'jpg'}"
+            save_image(folder / image, rgb, (40 + index, 32))
+            records.append({"image": image, "id": f"{split}-{index}", "captions": [f"a {name} square."],
+                            "questions": [{"question": "what color is it?", "answers": [name] * 3, "type": "color"}]})
+        write_manifest(folder / f"{split}.jsonl", records)
+        ids[split] = [record["id"] for record in records]
+    return ids
+
+
+def test_jsonl_dataset_runs_through_the_whole_pipeline(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    init_pipeline_repo(repo)
+    ids = tiny_manifest_dataset(repo)
+    set_params(repo, {"data": {"source": "jsonl", "jsonl": {
+        split: [f"data/raw/shapes/{split}.jsonl"] for split in ("train", "val", "test")}}})
+    run(["dvc", "add", "data/raw/shapes"], repo)  # as README says: DVC tracks the raw data, git the .dvc file
+    commit_all(repo, "sources, tiny models, a JSONL dataset")
+
+    first = run(["dvc", "repro"], repo)
+
+    assert stages_run(first) == ["data", "weights", "embed", "train_qformer", "train_vlm", "evaluate"]
+    test_rows = list(iter_split(repo / "data" / "dataset" / "test.parquet"))
+    assert [row["image_id"] for row in test_rows] == ids["test"]
+    assert test_rows[1]["answers"] == [["green"] * 3]
+    assert read_metadata(repo / "data" / "dataset" / "train.parquet")["source"] == "jsonl"
+    counts = json.loads((repo / "metrics" / "data.json").read_text())
+    assert (counts["train_images"], counts["train_captions"], counts["train_questions"]) == (8, 8, 8)
+    evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert 0.0 <= evaluation["vqa_accuracy_color"] <= 1.0 and "cider" in evaluation
+    predictions = [json.loads(line) for line in (repo / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert {p["image_id"] for p in predictions} == set(ids["test"])
+    commit_all(repo, "reproduced")
+
+    # A changed manifest, re-added to DVC, makes `data` (and so everything downstream) out of date.
+    manifest = repo / "data" / "raw" / "shapes" / "val.jsonl"
+    manifest.write_text(manifest.read_text().replace("a red square.", "a bright red square."))
+    run(["dvc", "add", "data/raw/shapes"], repo)
+    status = run(["dvc", "status", "dvc.yaml:data"], repo).stdout
+    assert "data/raw" in status and "modified" in status
