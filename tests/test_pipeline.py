@@ -100,10 +100,9 @@ def commit_all(repo: Path, message: str) -> None:
     git(repo, "commit", "-q", "-m", message)
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A git + DVC repository holding this project's sources and tiny models, reproduced once and committed."""
-    repo = tmp_path_factory.mktemp("pipeline")
+def init_pipeline_repo(repo: Path) -> None:
+    """Fill `repo` with this project's sources, tiny models and TINY_PARAMS, as a git repository (nothing committed
+    yet, so a test can add its own data first)."""
     for path in source_files():
         (repo / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / path, repo / path)
@@ -114,6 +113,13 @@ def repo(tmp_path_factory) -> Path:
     git(repo, "init", "-q", "-b", "main")
     git(repo, "config", "user.name", "Pipeline Test")  # repository-local: dvc exp run commits experiments
     git(repo, "config", "user.email", "pipeline-test@example.com")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A git + DVC repository holding this project's sources and tiny models, reproduced once and committed."""
+    repo = tmp_path_factory.mktemp("pipeline")
+    init_pipeline_repo(repo)
     commit_all(repo, "sources, tiny models, tiny params")
 
     first = run(["dvc", "repro"], repo)
