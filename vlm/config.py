@@ -117,6 +117,7 @@ class EvalConfig:
     max_answer_tokens: int = 8  # VQA answers are a word or two; a tight limit keeps a babbling model cheap
     num_beams: int = 1
     max_images: int = 0  # 0 = the whole test split
+    gallery_images: int = 16  # the first test images by id, drawn with their predictions into plots/gallery
 
 
 @dataclass(frozen=True)
