@@ -199,7 +199,7 @@ class VLMTrainConfig(TrainConfig):
     """
 
     projector_lr: float = 5e-4
-    qformer_lr: float = 5e-4
+    qformer_lr: float = 5e-4  # 0 freezes the Q-Former (no gradient is computed for it)
 
 
 @dataclass(frozen=True)
@@ -209,6 +209,7 @@ class EvalConfig:
     max_answer_tokens: int = 8  # VQA answers are a word or two; a tight limit keeps a babbling model cheap
     num_beams: int = 1
     max_images: int = 0  # 0 = the whole test split
+    gallery_images: int = 16  # the first test images by id, drawn with their predictions into plots/gallery
 
 
 @dataclass(frozen=True)
