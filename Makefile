@@ -1,10 +1,11 @@
-# Two entry points: `make repro` (the pipeline) and `make test` (the suite). Both set up .venv first.
+# Entry points: `make repro` (the pipeline), `make test` (the suite), `make bench` (benchmarks, ~15 min on 2 cores).
+# All set up .venv first.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install repro test clean
+.PHONY: install repro test bench clean
 
 # Reinstall only when the dependency list changes. The project is installed editable, so code edits need nothing.
 $(STAMP): pyproject.toml
@@ -21,6 +22,11 @@ repro: install
 
 test: install
 	PATH="$(abspath $(BIN)):$$PATH" HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# Prints a table of ratios and writes metrics/bench.json; see BENCHMARKS.md. Pass options through BENCH_ARGS, e.g.
+# BENCH_ARGS="--models ../other/models/base --vlm ../other/models/vlm" or BENCH_ARGS=--quick (a smoke test).
+bench: install
+	PATH="$(abspath $(BIN)):$$PATH" HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_pipeline import commit_all, init_pipeline_repo, run, set_params, stages_run
+from pipeline_repo import commit_all, init_pipeline_repo, run, set_params, stages_run
 
 from vlm.config import CocoConfig, DataConfig, SplitCounts, SplitFiles, VQAv2Config
 from vlm.data.dataset_io import DatasetError, iter_split, read_metadata

@@ -1,0 +1,147 @@
+"""The benchmark harness computes what it claims: ratios, goals, the flat JSON, and the FLOP counts of a stage-2
+step (checked against torch's own FlopCounterMode and the packing's real attention mask), on tiny inputs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_llm
+from tiny_qformer import IMAGE_WIDTH, single_torch_thread, tiny_qformer  # noqa: F401 (autouse fixture)
+from torch.utils.flop_counter import FlopCounterMode
+
+from vlm.config import LoraConfig
+from vlm.models.packing import PADDING, pack, turn_attention_mask
+from vlm.models.prompt import Example
+from vlm.models.vlm import VisionLanguageModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.flops import (  # noqa: E402
+    attention_flops,
+    causal_pairs,
+    linear_flops,
+    matmul_peak,
+    packed_pairs,
+    vlm_step_flops,
+)
+from benchmarks.harness import Figure, rate_ratio, ratio, side_by_side, write_json  # noqa: E402
+
+
+def test_ratios() -> None:
+    assert ratio(3.0, 2.0) == 1.5
+    assert rate_ratio(100, 2.0, 50, 2.0) == 2.0  # 50 items/s over 25 items/s
+    assert rate_ratio(10, 1.0, 10, 4.0) == 4.0   # same work in a quarter of the time
+    with pytest.raises(ValueError):
+        ratio(1.0, 0.0)
+
+
+def test_side_by_side_alternates_and_keeps_each_sides_best() -> None:
+    calls: list[str] = []
+    first, second = side_by_side(lambda: calls.append("a"), lambda: calls.append("b"), repeats=3)
+    assert calls == ["a", "b"] * 3
+    assert first >= 0 and second >= 0
+
+
+def test_figure_goals_and_flat_json(tmp_path: Path) -> None:
+    assert Figure("x", "x", 0.95, ">= 0.9").met() is True
+    assert Figure("x", "x", 1.3, "<= 1.2").met() is False
+    assert Figure("x", "x", 0, "== 0").met() is True
+    assert Figure("x", "x", 0.3, None).met() is None
+    figure = Figure("embed", "t", 0.91234567, ">= 0.9", details={"images": 8, "stage_s": 1.234567})
+    written = write_json(tmp_path / "bench.json", [figure], {"cpu": "test"})
+    assert json.loads((tmp_path / "bench.json").read_text()) == written == {
+        "machine_cpu": "test", "embed_ratio": 0.9123, "embed_goal": ">= 0.9", "embed_goal_met": True,
+        "embed_images": 8, "embed_stage_s": 1.2346}
+
+
+def test_linear_and_attention_rules() -> None:
+    assert linear_flops(10, 3, weight_grad=True, input_grad=True) == 6 * 10 * 3    # trained
+    assert linear_flops(10, 3, weight_grad=False, input_grad=True) == 4 * 10 * 3   # frozen, gradient flows through
+    assert linear_flops(10, 3, weight_grad=True, input_grad=False) == 4 * 10 * 3   # trained, reads a constant
+    assert linear_flops(10, 3, weight_grad=False, input_grad=False) == 2 * 10 * 3  # inference
+    assert attention_flops(pairs=5, width=4, backward=False) == 2 * (2 * 4 * 5)   # scores + weighted sum
+    assert attention_flops(pairs=5, width=4) == 3 * attention_flops(5, 4, backward=False)
+    assert causal_pairs(4) == 1 + 2 + 3 + 4
+
+
+def test_packed_pairs_are_the_pairs_the_packing_mask_allows() -> None:
+    prefix, visual = (7, 8, 9), 2
+    rows = [[Example((1, 2), (3,)), Example((4,), (5, 6, 6))], [Example((1,), (2,))]]
+    layout = pack(prefix, visual, rows, pad_id=0, left_pad=False)
+    allowed = turn_attention_mask(layout.segments, "sdpa", torch.float32)[:, 0]  # [B, L, L]
+    real_queries = layout.segments != PADDING
+    shared = len(prefix) + visual
+    expected = sum(packed_pairs(shared, [len(t.user_ids) + len(t.answer_ids) for t in turns]) for turns in rows)
+    assert int(allowed[real_queries].sum()) == expected
+
+
+def test_step_flops_match_torch_flop_counter_on_a_tiny_vlm(tmp_path: Path) -> None:
+    """Every linear layer of a training step (LLM with LoRA, LM head on answer tokens, Q-Former image path,
+    projector), forward and backward, against FlopCounterMode's count of the matmuls that really ran. The rows
+    have equal lengths, so no padding makes the two differ."""
+    tiny_qformer(tmp_path / "bert", num_queries=4, cross_attention_freq=2).save(tmp_path / "qformer")
+    tiny_llm(tmp_path / "llm")
+    torch.manual_seed(0)
+    model = VisionLanguageModel.create(tmp_path / "qformer", tmp_path / "llm", projector_hidden=16,
+                                       lora=LoraConfig(r=4, alpha=8, dropout=0.0), system_prompt="Answer.")
+    model.train()
+    turns = [model.prompt.example("how many objects are there?", "two"),
+             model.prompt.example("Describe the image.", "a red circle left of a blue square")]
+    rows = [turns, turns[::-1]]
+    image_tokens = 5
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(len(rows), image_tokens, IMAGE_WIDTH), rows).backward()
+    ran = counter.get_flop_counts()["Global"]
+    linear_ran = sum(flops for op, flops in ran.items() if str(op) in ("aten.mm", "aten.addmm"))
+    counted = vlm_step_flops(model, image_tokens, rows)
+    assert counted.linear == linear_ran
+    assert counted.target_tokens == 2 * sum(len(t.answer_ids) for t in turns)
+    assert counted.total > counted.linear  # plus attention, which FlopCounterMode does not see in CPU SDPA
+
+
+def test_matmul_peak_reports_flops_of_the_size_it_timed() -> None:
+    flops, size = matmul_peak(torch.float32, repeats=1, min_seconds=0.0, max_size=128)
+    assert size == 128 and flops > 0
+
+
+def test_profile_summary_gives_each_sample_to_the_first_matching_label() -> None:
+    from benchmarks.profile_summary import summarise
+
+    lines = ["main (a.py:1);train (loop.py:9);VisionBackbone.forward (backbone.py:5) 3",
+             "main (a.py:1);train (loop.py:9);backward (torch.py:2) 2",
+             "main (a.py:1);idle (a.py:3) 1",
+             "not a stack line"]
+    counts = summarise(lines, [("backbone", "VisionBackbone.forward"), ("training", "train")])
+    assert counts == {"backbone": 3, "training": 2, "other": 1}
+
+
+def test_peak_rss_is_the_childs_own_not_the_parents() -> None:
+    """getrusage's ru_maxrss of a child started by subprocess reports the parent's peak; peak_rss_mib must not."""
+    import subprocess
+
+    from benchmarks.harness import peak_rss_mib, rss_mib
+
+    parent = peak_rss_mib()  # this process has imported torch and transformers: hundreds of MiB
+    child = subprocess.run([sys.executable, "-c", "from benchmarks.harness import peak_rss_mib; print(peak_rss_mib())"],
+                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True)
+    assert 0 < float(child.stdout) < parent / 2
+    now = rss_mib()
+    assert 0 < now <= peak_rss_mib()
+
+
+def test_forward_clock_times_each_kind_of_call() -> None:
+    from benchmarks.harness import ForwardClock
+
+    layer = torch.nn.Linear(4, 4)
+    clock = ForwardClock(layer, lambda args, kwargs: "many" if args[0].shape[0] > 1 else "one")
+    layer(torch.zeros(3, 4))
+    layer(torch.zeros(1, 4))
+    layer(torch.zeros(1, 4))
+    assert dict(clock.calls) == {"many": 1, "one": 2}
+    assert set(clock.seconds) == {"many", "one"} and all(s >= 0 for s in clock.seconds.values())
+    clock.remove()
+    layer(torch.zeros(1, 4))
+    assert clock.calls["one"] == 2
