@@ -30,14 +30,12 @@ def main() -> None:
     torch.manual_seed(params.train_vlm.seed)  # the new projector and LoRA start identical on every rank
     model = VisionLanguageModel.create(QFORMER_DIR, BASE_MODELS_DIR / "llm", params.projector.hidden_dim,
                                        params.lora, params.llm.system_prompt)
-    counts = model.trainable_parameter_counts()
-    if distributed.is_main():
-        print("train_vlm: parameters", counts)
     embeddings = load_embeddings(EMBEDDINGS_DIR / "train", expect=expected_metadata(params.backbone))
     metrics = train_vlm(model, embeddings, DATASET_DIR / "train.parquet", params.llm, params.train_vlm,
                         log_dir=Path("dvclive/train_vlm"), checkpoint_dir=CHECKPOINTS_DIR / "train_vlm",
                         fingerprint={"projector": asdict(params.projector), "lora": asdict(params.lora),
                                      "qformer_sha256": sha256_of(QFORMER_DIR / "model.safetensors")})
+    counts = model.trainable_parameter_counts()  # after training set up which parts train (see train_vlm)
     if not distributed.is_main():
         distributed.shutdown()
         return

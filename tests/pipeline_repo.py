@@ -102,6 +102,14 @@ def commit_all(repo: Path, message: str) -> None:
 def make_tiny_repo(repo: Path) -> Path:
     """This project's sources, tiny models and tiny params in a new git repository at `repo`, committed; not
     reproduced yet."""
+    init_pipeline_repo(repo)
+    commit_all(repo, "sources, tiny models, tiny params")
+    return repo
+
+
+def init_pipeline_repo(repo: Path) -> None:
+    """Fill `repo` with this project's sources, tiny models and TINY_PARAMS, as a git repository (nothing committed
+    yet, so a test can add its own data first)."""
     for path in source_files():
         (repo / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / path, repo / path)
@@ -112,5 +120,3 @@ def make_tiny_repo(repo: Path) -> Path:
     git(repo, "init", "-q", "-b", "main")
     git(repo, "config", "user.name", "Pipeline Test")  # repository-local: dvc exp run commits experiments
     git(repo, "config", "user.email", "pipeline-test@example.com")
-    commit_all(repo, "sources, tiny models, tiny params")
-    return repo

@@ -84,3 +84,37 @@ def test_nested_loss_weights_are_read_and_validated(tmp_path: Path) -> None:
 def test_missing_file_says_where_to_run_from(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_data_source_lists_the_importers(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError) as error:
+        load_params(write_params(tmp_path, {"data": {"source": "imagenet"}}))
+    message = str(error.value)
+    assert "data.source" in message
+    for allowed in ("synthetic", "coco", "vqav2", "coco+vqav2", "jsonl"):
+        assert allowed in message
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    # Outside data/raw (the data stage's DVC dependency), DVC would not notice the files change.
+    ({"source": "jsonl", "jsonl": {"train": ["/datasets/train.jsonl"], "val": ["data/raw/v.jsonl"],
+                                   "test": ["data/raw/t.jsonl"]}}, r"data\.jsonl\.train\[0\]"),
+    ({"source": "coco", "coco": {"images": "data/raw/../coco"}}, r"data\.coco\.images"),
+    # Every split needs a file of the chosen source (the other sources' params are not checked).
+    ({"source": "coco+vqav2", "vqav2": {"questions": {"train": ["data/raw/q.json"]},
+                                        "annotations": {"train": ["data/raw/a.json"]}}}, r"data\.vqav2\.questions\.val"),
+    ({"source": "vqav2", "vqav2": {"questions": {"train": ["data/raw/q.json"], "val": ["data/raw/q.json"],
+                                                 "test": ["data/raw/q.json"]},
+                                   "annotations": {"train": ["data/raw/a.json"], "val": ["data/raw/a.json"],
+                                                   "test": []}}}, r"data\.vqav2\.annotations\.test"),
+    ({"max_images": {"train": -1}}, r"data\.max_images\.train"),
+    ({"resize": 8}, r"data\.resize"),
+])
+def test_import_params_are_checked_naming_the_key(tmp_path: Path, overrides: dict, key: str) -> None:
+    with pytest.raises(ParamsError, match=key):
+        load_params(write_params(tmp_path, {"data": overrides}))
+
+
+def test_the_default_import_paths_are_valid_for_every_source(tmp_path: Path) -> None:
+    for source in ("coco", "vqav2", "coco+vqav2", "jsonl"):
+        assert load_params(write_params(tmp_path, {"data": {"source": source}})).data.source == source

@@ -15,8 +15,10 @@ from tiny_models import tiny_llm
 from tiny_qformer import single_torch_thread, tiny_qformer  # noqa: F401 (autouse fixture)
 from train_worker import run_qformer, run_vlm
 
+from vlm import distributed
 from vlm.data.dataset_io import write_split
 from vlm.data.synthetic import generate_records
+from vlm.models.qformer import QFormer
 from vlm.models.vlm import VisionLanguageModel
 from vlm.train import stage1
 from vlm.train.loop import NonFiniteLossError
@@ -163,3 +165,23 @@ def test_the_same_seed_gives_the_same_run_twice(work, tmp_path) -> None:
     assert first_metrics == second_metrics
     assert logged(tmp_path / "a") == logged(tmp_path / "b")
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+def test_each_process_computes_on_its_own_gpu_or_the_cpu(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.device() == torch.device("cuda", 1)
+
+
+def test_a_zero_qformer_lr_freezes_the_qformer_and_trains_the_rest(work) -> None:
+    import train_worker
+
+    before = QFormer.load(work / "qformer").state_dict()
+    model, _ = train_worker.run_vlm(work, None, qformer_lr=0.0)
+    after = model.qformer.state_dict()
+    assert all(torch.equal(before[name], after[name].cpu()) for name in before)
+    assert not any(p.requires_grad for p in model.qformer.parameters())
+    counts = model.trainable_parameter_counts()
+    assert counts["trainable_qformer"] == 0 and counts["trainable_projector"] > 0 and counts["trainable_lora"] > 0

@@ -29,6 +29,7 @@ from vlm.data.embeddings import (
     expected_metadata,
     gather,
     load_embeddings,
+    made_like,
     read_file_metadata,
     shard_name,
 )
@@ -287,3 +288,7 @@ def test_stage_writes_shard_directories_and_counts(vision_folder: Path, tmp_path
     train = load_embeddings(tmp_path / "data" / "embeddings" / "train",
                             expect=expected_metadata(BackboneConfig(**params["backbone"])))
     assert train.image_ids == ["train-000001", "train-000002"]
+    # The blind baseline's blank image: one row, beside the splits, made exactly as they were.
+    blank = load_embeddings(tmp_path / "data" / "blank_embedding.parquet", expect=made_like(train))
+    assert blank.image_ids == ["blank"] and blank.tokens.shape == (1, *train.tokens.shape[1:])
+    assert json.loads(blank.metadata["blank_color"]) == [124, 116, 104]  # the ImageNet mean: zeros once normalised

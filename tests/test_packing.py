@@ -65,3 +65,11 @@ def test_generation_layout_is_left_padded_single_turns() -> None:
         pack(PREFIX, VISUAL, [[TURN_A, TURN_B]], PAD, left_pad=True)
     with pytest.raises(ValueError, match="at least one turn"):
         pack(PREFIX, VISUAL, [[]], PAD, left_pad=False)
+
+
+def test_a_layout_moves_to_a_device_whole() -> None:
+    layout = pack(PREFIX, VISUAL, [[TURN_A, TURN_B]], PAD, left_pad=False)
+    moved = layout.to(torch.device("meta"))
+    assert all(getattr(moved, name).device.type == "meta"
+               for name in ("ids", "is_visual", "segments", "position_ids", "labels"))
+    assert moved.ids.shape == layout.ids.shape

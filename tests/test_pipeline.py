@@ -31,8 +31,9 @@ def repo(tmp_path_factory) -> Path:
 
 def test_repro_runs_every_stage_and_writes_metrics(repo: Path) -> None:
     evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
-    for name in ("cider", "vqa_accuracy"):
+    for name in ("cider", "vqa_accuracy", "blind_cider", "blind_vqa_accuracy"):
         assert isinstance(evaluation[name], float) and 0.0 <= evaluation[name], name
+    assert evaluation["visual_gain_vqa"] == evaluation["vqa_accuracy"] - evaluation["blind_vqa_accuracy"]
     stage1 = json.loads((repo / "metrics" / "train_qformer.json").read_text())
     assert stage1["steps"] == 3  # 1 epoch of 24 images in batches of 8
     stage2 = json.loads((repo / "metrics" / "train_vlm.json").read_text())
@@ -44,6 +45,19 @@ def test_repro_runs_every_stage_and_writes_metrics(repo: Path) -> None:
     assert "dvc.lock" in tracked.split()
     generated = re.findall(r"^(?:data/dataset|data/embeddings|models|predictions)/.*$", tracked, re.MULTILINE)
     assert [path for path in generated if not path.endswith("/.gitignore")] == []
+    assert "data/blank_embedding.parquet" not in tracked.split()
+
+
+def test_gallery_is_listed_by_dvc_plots(repo: Path) -> None:
+    """One PNG per test image (6 < eval.gallery_images), tracked by git (cache: false) and shown as image plots."""
+    gallery = [f"plots/gallery/test-{i:06d}.png" for i in range(6)]
+    assert sorted(str(p.relative_to(repo)) for p in (repo / "plots" / "gallery").iterdir()) == gallery
+    tracked = subprocess.run(["git", "ls-files", "plots"], cwd=repo, check=True, capture_output=True,
+                             text=True).stdout.split()
+    assert tracked == gallery
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)["data"]
+    assert set(gallery) <= set(shown)
+    assert all(entry["type"] == "image" for path in gallery for entry in shown[path])
 
 
 def test_second_repro_runs_nothing_even_without_bytecode_caches(repo: Path) -> None:
@@ -73,3 +87,7 @@ def test_experiment_run_and_metrics_diff(repo: Path) -> None:
     assert "metrics/train_qformer.json" in diff  # different queries, different losses
     experiments = run(["dvc", "exp", "show", "--csv"], repo).stdout
     assert "qformer.num_queries" in experiments
+    # The gallery of the experiment (workspace) beside the committed one's, image by image.
+    plots = json.loads(run(["dvc", "plots", "diff", "--json"], repo).stdout)["data"]
+    first = plots["plots/gallery/test-000000.png"]
+    assert {revision for entry in first for revision in entry["revisions"]} == {"HEAD", "workspace"}

@@ -10,16 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import tiny_llm
-from tiny_qformer import IMAGE_WIDTH, single_torch_thread, tiny_qformer  # noqa: F401 (autouse fixture)
+from tiny_models import TINY_VLM_QUERIES as NUM_QUERIES
+from tiny_models import TINY_VLM_SYSTEM_PROMPT as SYSTEM
+from tiny_models import image_embeds, tiny_vlm, tiny_vlm_folders
+from tiny_qformer import single_torch_thread  # noqa: F401 (autouse fixture)
 
-from vlm.config import LoraConfig
 from vlm.models.prompt import IGNORE_INDEX, Example
 from vlm.models.vlm import STAGE1_ONLY, VisionLanguageModel
 
-SYSTEM = "Answer about the image."
-NUM_QUERIES, IMAGE_TOKENS = 4, 5
-LORA = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
 # (instruction, answer) pairs of different lengths, so a batch needs padding.
 PAIRS = [("Describe the image.", "a large red circle to the left of a small blue square."),
          ("what color is the star? Answer with one word.", "green"),
@@ -29,34 +27,16 @@ PAIRS = [("Describe the image.", "a large red circle to the left of a small blue
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> tuple[Path, Path]:
     """(Q-Former folder, LLM folder), written once for the module."""
-    root = tmp_path_factory.mktemp("vlm")
-    qformer = tiny_qformer(root / "bert", num_queries=NUM_QUERIES, cross_attention_freq=1)
-    qformer.save(root / "qformer")
-    return root / "qformer", tiny_llm(root / "llm")
+    return tiny_vlm_folders(tmp_path_factory.mktemp("vlm"))
 
 
 def make_model(folders: tuple[Path, Path], perturb_seed: int | None = None) -> VisionLanguageModel:
-    """A fresh VLM in eval mode. With `perturb_seed`, every trainable weight gets noise, as after training
-    (a fresh LoRA adapter is an exact no-op, which would hide a missing or mis-loaded adapter)."""
-    torch.manual_seed(0)
-    model = VisionLanguageModel.create(folders[0], folders[1], projector_hidden=16, lora=LORA,
-                                       system_prompt=SYSTEM)
-    if perturb_seed is not None:
-        generator = torch.Generator().manual_seed(perturb_seed)
-        with torch.no_grad():
-            for parameter in model.parameters():
-                if parameter.requires_grad:
-                    parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
+    return tiny_vlm(folders, perturb_seed)
 
 
 @pytest.fixture(scope="module")
 def model(folders) -> VisionLanguageModel:
     return make_model(folders, perturb_seed=1)
-
-
-def image_embeds(batch: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, IMAGE_TOKENS, IMAGE_WIDTH, generator=torch.Generator().manual_seed(seed))
 
 
 def examples(model: VisionLanguageModel, with_answers: bool = True) -> list[Example]:

@@ -11,18 +11,24 @@ import json
 from pathlib import Path
 
 import torch
-from tiny_qformer import write_tiny_bert
+from tiny_qformer import IMAGE_WIDTH, tiny_qformer, write_tiny_bert
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from vlm.config import LLMConfig, load_params
+from vlm.config import LLMConfig, LoraConfig, load_params
 from vlm.data.synthetic import ask_questions, image_rng, sample_scene, write_captions
+from vlm.models.vlm import VisionLanguageModel
 from vlm.weights.sources import HF_PREPROCESSOR_CONFIG
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 VISION_IMAGE_SIZE = 56  # 4 x 4 patches of 14 px + CLS = 17 tokens
 VISION_WIDTH = 32
+
+# The tiny VLM (`tiny_vlm`): a Q-Former over IMAGE_WIDTH-wide image tokens, the tiny Llama, a small LoRA.
+TINY_VLM_SYSTEM_PROMPT = "Answer about the image."
+TINY_VLM_QUERIES, TINY_VLM_IMAGE_TOKENS = 4, 5
+TINY_VLM_LORA = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
 
 # The same special-token layout as SmolLM2-135M-Instruct: unk 0, bos 1, eos 2, and padding with the EOS token.
 UNK, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -90,3 +96,32 @@ def tiny_llm(directory: Path, seed: int = 0) -> Path:
     LlamaForCausalLM(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return Path(directory)
+
+
+def tiny_vlm_folders(root: Path, image_width: int = IMAGE_WIDTH) -> tuple[Path, Path]:
+    """(Q-Former folder, LLM folder) for `tiny_vlm`, written under `root`; the Q-Former reads image tokens
+    `image_width` wide."""
+    qformer = tiny_qformer(root / "bert", num_queries=TINY_VLM_QUERIES, cross_attention_freq=1,
+                           image_hidden_size=image_width)
+    qformer.save(root / "qformer")
+    return root / "qformer", tiny_llm(root / "llm")
+
+
+def tiny_vlm(folders: tuple[Path, Path], perturb_seed: int | None = None) -> VisionLanguageModel:
+    """A fresh VLM in eval mode. With `perturb_seed`, every trainable weight gets noise, as after training
+    (a fresh LoRA adapter is an exact no-op, which would hide a missing or mis-loaded adapter)."""
+    torch.manual_seed(0)
+    model = VisionLanguageModel.create(folders[0], folders[1], projector_hidden=16, lora=TINY_VLM_LORA,
+                                       system_prompt=TINY_VLM_SYSTEM_PROMPT)
+    if perturb_seed is not None:
+        generator = torch.Generator().manual_seed(perturb_seed)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
+    return model.eval()
+
+
+def image_embeds(batch: int, seed: int = 0) -> torch.Tensor:
+    """Random cached-embedding stand-ins for `tiny_vlm`: [batch, TINY_VLM_IMAGE_TOKENS, IMAGE_WIDTH]."""
+    return torch.randn(batch, TINY_VLM_IMAGE_TOKENS, IMAGE_WIDTH, generator=torch.Generator().manual_seed(seed))

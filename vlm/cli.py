@@ -1,38 +1,22 @@
-"""`vlm` command line: caption images or ask questions about them with the trained model.
+"""`vlm` command line: caption images or ask questions about them with the trained model; export it.
 
 Run from the repository root after `dvc repro`: the model comes from models/vlm, the frozen backbone from
-models/base/vision, and prompts and image size from params.yaml (the same ones training used).
+models/base/vision, and prompts and image size from params.yaml (the same ones training used). `--model` may also
+name a folder written by `vlm export`, which holds all of that itself.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import torch
 import typer
 from PIL import Image, UnidentifiedImageError
 
-from vlm.artifacts import BASE_MODELS_DIR, VLM_DIR
-from vlm.config import Params, load_params
+from vlm.artifacts import BASE_MODELS_DIR, METRICS_DIR, VLM_DIR
+from vlm.config import load_params
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-
-
-class Assistant:
-    """Backbone + trained VLM, loaded once: pixels in, text out."""
-
-    def __init__(self, params: Params, model_dir: Path):
-        from vlm.models.backbone import VisionBackbone
-        from vlm.models.vlm import VisionLanguageModel
-
-        self.params = params
-        self.backbone = VisionBackbone.from_folder(BASE_MODELS_DIR / "vision", params.backbone.image_size)
-        self.model = VisionLanguageModel.load(model_dir)
-
-    @torch.inference_mode()
-    def answer(self, images: list[Image.Image], instructions: list[str], beams: int) -> list[str]:
-        embeds = self.backbone(self.backbone.preprocess(images)).float()
-        return self.model.generate(embeds, instructions, self.params.eval.max_new_tokens, beams)
 
 
 def _open_image(path: Path) -> Image.Image:
@@ -44,14 +28,19 @@ def _open_image(path: Path) -> Image.Image:
         raise typer.BadParameter(f"{path}: not a readable image ({err})") from None
 
 
-def _assistant(params_file: Path, model_dir: Path) -> Assistant:
+def _assistant(params_file: Path, model_dir: Path):
+    from vlm.assistant import Assistant
+    from vlm.export import EXPORT_CONFIG, load
+
+    if (model_dir / EXPORT_CONFIG).is_file():
+        return load(model_dir)
     if not (model_dir / "vlm_config.json").is_file():
         raise typer.BadParameter(f"{model_dir}: no trained model there; run `dvc repro` first")
-    return Assistant(load_params(params_file), model_dir)
+    return Assistant.from_pipeline(load_params(params_file), model_dir)
 
 
 ParamsOption = typer.Option(Path("params.yaml"), "--params", help="params.yaml the model was trained with")
-ModelOption = typer.Option(VLM_DIR, "--model", help="folder written by the train_vlm stage")
+ModelOption = typer.Option(VLM_DIR, "--model", help="folder written by the train_vlm stage or by `vlm export`")
 
 
 @app.command()
@@ -60,8 +49,7 @@ def caption(images: list[Path] = typer.Argument(..., help="image files"),
             params_file: Path = ParamsOption, model_dir: Path = ModelOption) -> None:
     """Print a caption for each image."""
     assistant = _assistant(params_file, model_dir)
-    opened = [_open_image(p) for p in images]
-    captions = assistant.answer(opened, [assistant.params.llm.caption_prompt] * len(opened), beams)
+    captions = assistant.caption([_open_image(p) for p in images], beams)
     for path, text in zip(images, captions):
         typer.echo(f"{path}: {text}" if len(images) > 1 else text)
 
@@ -72,11 +60,32 @@ def ask(image: Path = typer.Argument(..., help="image file"),
         beams: int = typer.Option(1, "--beams", min=1, help="beam width (1 = greedy)"),
         params_file: Path = ParamsOption, model_dir: Path = ModelOption) -> None:
     """Answer a question about an image."""
-    from vlm.train.stage2 import question_instruction
+    typer.echo(_assistant(params_file, model_dir).ask(_open_image(image), question, beams))
 
-    assistant = _assistant(params_file, model_dir)
-    instruction = question_instruction(question, assistant.params.llm)
-    typer.echo(assistant.answer([_open_image(image)], [instruction], beams)[0])
+
+@app.command()
+def export(out_dir: Path = typer.Argument(..., help="folder to write the model into"),
+           merge: bool = typer.Option(True, "--merge/--no-merge",
+                                      help="fold the LoRA into the LLM's weights, or keep it as a peft adapter"),
+           params_file: Path = ParamsOption,
+           model_dir: Path = typer.Option(VLM_DIR, "--model", help="folder written by the train_vlm stage"),
+           vision_dir: Path = typer.Option(BASE_MODELS_DIR / "vision", "--vision", help="backbone folder"),
+           metrics_file: Path = typer.Option(METRICS_DIR / "eval.json", "--metrics",
+                                             help="metrics for the model card (skipped if absent)")) -> None:
+    """Write one self-contained folder: backbone, Q-Former, projector, LLM (LoRA merged or as adapter), a model
+    card with the evaluation metrics. Load it with `vlm.load(OUT_DIR)` or `vlm caption --model OUT_DIR`."""
+    from vlm.export import export as export_model
+
+    if not (model_dir / "vlm_config.json").is_file():
+        raise typer.BadParameter(f"{model_dir}: no trained model there; run `dvc repro` first")
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+    if metrics is None:
+        typer.echo(f"{metrics_file} not found: the model card will have no metrics", err=True)
+    try:
+        export_model(out_dir, load_params(params_file), merge, model_dir, vision_dir, metrics)
+    except (FileExistsError, FileNotFoundError) as error:
+        raise typer.BadParameter(str(error)) from None
+    typer.echo(out_dir)
 
 
 @app.command("extract-images")

@@ -8,6 +8,7 @@ experiment would run with the default instead of what the user asked for.
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from vlm.artifacts import SPLITS
 
 
 class ParamsError(ValueError):
@@ -24,16 +27,105 @@ class ParamsError(ValueError):
 Precision = Literal["bf16", "fp32"]
 
 
+DataSource = Literal["synthetic", "coco", "vqav2", "coco+vqav2", "jsonl"]
+# Imported files must lie here: the `data` stage lists this folder as a DVC dependency, so a changed file reruns it.
+RAW_DATA_DIR = "data/raw"
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """Files per dataset split; each split may list several, which are read in order and concatenated."""
+
+    train: tuple[str, ...] = ()
+    val: tuple[str, ...] = ()
+    test: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SplitCounts:
+    train: int = 0
+    val: int = 0
+    test: int = 0
+
+
+@dataclass(frozen=True)
+class CocoConfig:
+    images: str = "data/raw/coco/images"  # searched recursively (train2014/, val2014/, ...)
+    # Karpathy's dataset_coco.json (each image's own `split` picks its rows; restval joins train) or official
+    # captions_*.json files (all of their images).
+    captions: SplitFiles = field(default_factory=SplitFiles)
+
+
+@dataclass(frozen=True)
+class VQAv2Config:
+    images: str = "data/raw/coco/images"  # for source vqav2; coco+vqav2 reads the images of data.coco.images
+    questions: SplitFiles = field(default_factory=SplitFiles)  # v2_OpenEnded_mscoco_*_questions.json
+    annotations: SplitFiles = field(default_factory=SplitFiles)  # v2_mscoco_*_annotations.json, one per questions file
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["synthetic"] = "synthetic"
+    source: DataSource = "synthetic"
+    # synthetic scenes
     seed: int = 0
     image_size: int = 224  # canvas side of the synthetic scenes, in pixels
     train_images: int = 2000
     val_images: int = 100
     test_images: int = 200
     max_objects: int = 4
-    skip_bad_images: bool = False  # false: a corrupt/missing image stops `embed` naming it; true: skip and count it
+    skip_bad_images: bool = False  # false: a corrupt/missing image stops `data`/`embed` naming it; true: skip, count
+    # imports (coco, vqav2, coco+vqav2, jsonl)
+    max_images: SplitCounts = field(default_factory=SplitCounts)  # per split, the first N images; 0 = all
+    resize: int = 0  # 0: original encoded bytes; N: shrink images whose longer side exceeds N (re-encoded)
+    coco: CocoConfig = field(default_factory=CocoConfig)
+    vqav2: VQAv2Config = field(default_factory=VQAv2Config)
+    jsonl: SplitFiles = field(default_factory=SplitFiles)  # manifests (vlm/data/jsonl_manifest.py)
+
+    def __post_init__(self) -> None:
+        for split in SPLITS:
+            if getattr(self.max_images, split) < 0:
+                raise ParamsError(f"param data.max_images.{split} must be >= 0 (0 = all images), "
+                                  f"got {getattr(self.max_images, split)}")
+        if self.resize != 0 and self.resize < 32:
+            raise ParamsError(f"param data.resize must be 0 (keep the original bytes) or >= 32 pixels, "
+                              f"got {self.resize}")
+        if self.source in ("coco", "coco+vqav2"):
+            _check_path("data.coco.images", self.coco.images)
+            _check_split_files("data.coco.captions", self.coco.captions, self.source)
+        if self.source in ("vqav2", "coco+vqav2"):
+            if self.source == "vqav2":
+                _check_path("data.vqav2.images", self.vqav2.images)
+            _check_split_files("data.vqav2.questions", self.vqav2.questions, self.source)
+            _check_split_files("data.vqav2.annotations", self.vqav2.annotations, self.source)
+            for split in SPLITS:
+                questions, annotations = getattr(self.vqav2.questions, split), getattr(self.vqav2.annotations, split)
+                if len(questions) != len(annotations):
+                    raise ParamsError(
+                        f"param data.vqav2.annotations.{split} lists {len(annotations)} files but "
+                        f"data.vqav2.questions.{split} lists {len(questions)}; give one annotations file per "
+                        "questions file, in the same order")
+        if self.source == "jsonl":
+            _check_split_files("data.jsonl", self.jsonl, self.source)
+
+
+def _check_split_files(key: str, files: SplitFiles, source: str) -> None:
+    for split in SPLITS:
+        paths = getattr(files, split)
+        if not paths:
+            raise ParamsError(f"param {key}.{split} is empty; source {source} needs at least one file for every "
+                              f"split ({', '.join(SPLITS)})")
+        for index, path in enumerate(paths):
+            _check_path(f"{key}.{split}[{index}]", path)
+
+
+def _check_path(key: str, path: str) -> None:
+    """Imported files must be under data/raw, the `data` stage's DVC dependency; elsewhere DVC would not see them
+    change and would keep a stale dataset."""
+    normal = posixpath.normpath(path) if path else ""
+    if normal != RAW_DATA_DIR and not normal.startswith(RAW_DATA_DIR + "/"):
+        raise ParamsError(
+            f"param {key}={path!r} must be a relative path under {RAW_DATA_DIR}/, the data stage's DVC "
+            f"dependency (put the data there with `dvc add` or `dvc import`, see {RAW_DATA_DIR}/README.md)")
 
 
 @dataclass(frozen=True)
@@ -107,7 +199,7 @@ class VLMTrainConfig(TrainConfig):
     """
 
     projector_lr: float = 5e-4
-    qformer_lr: float = 5e-4
+    qformer_lr: float = 5e-4  # 0 freezes the Q-Former (no gradient is computed for it)
 
 
 @dataclass(frozen=True)
@@ -117,6 +209,7 @@ class EvalConfig:
     max_answer_tokens: int = 8  # VQA answers are a word or two; a tight limit keeps a babbling model cheap
     num_beams: int = 1
     max_images: int = 0  # 0 = the whole test split
+    gallery_images: int = 16  # the first test images by id, drawn with their predictions into plots/gallery
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,13 @@ def init() -> None:
     dist.init_process_group(backend)
 
 
+def device() -> torch.device:
+    """Where this process computes: its own GPU (LOCAL_RANK under torchrun) when CUDA is there, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
@@ -39,7 +40,7 @@ COLUMNS: tuple[str, ...] = tuple(DATASET_SCHEMA.names)
 
 # File signatures of the accepted encodings; checking them at write time is cheap and turns a
 # confusing decode failure deep inside training into an error at import time.
-_IMAGE_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
+IMAGE_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}
 
 
 class DatasetError(ValueError):
@@ -118,7 +119,7 @@ def validate_record(record: Mapping[str, Any]) -> None:
     image = record["image"]
     if not isinstance(image, bytes | bytearray) or not image:
         raise fail("image", "must be non-empty encoded PNG/JPEG bytes")
-    if not any(bytes(image[: len(sig)]) == sig for sig in _IMAGE_SIGNATURES):
+    if not any(bytes(image[: len(sig)]) == sig for sig in IMAGE_SIGNATURES):
         raise fail("image", "is neither PNG nor JPEG bytes; re-encode the image as PNG or JPEG")
 
     for field in ("captions", "questions", "question_types"):
@@ -156,6 +157,14 @@ def iter_split(
     parquet_file = _open_split(path, columns)
     for batch in parquet_file.iter_batches(batch_size=batch_size, columns=columns):
         yield from batch.to_pylist()
+
+
+def count_split(path: Path) -> dict[str, int]:
+    """How many images, captions and questions a split holds (reads only the text columns)."""
+    table = read_split(path, columns=["captions", "questions"])
+    return {"images": table.num_rows,
+            "captions": int(pc.sum(pc.list_value_length(table["captions"])).as_py() or 0),
+            "questions": int(pc.sum(pc.list_value_length(table["questions"])).as_py() or 0)}
 
 
 def read_metadata(path: Path) -> dict[str, str]:

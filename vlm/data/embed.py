@@ -9,6 +9,9 @@ content depends on (backbone, its weights, image size, precision, the dataset fi
 A rerun keeps a shard whose metadata is exactly what this run would write and re-embeds any other, which is what
 makes `persist: true` on the stage's output safe: a crash costs only the shards in flight.
 
+The blind baseline's blank image (`embed_blank`) goes through the same backbone, preprocessing and precision, into
+a one-row file beside the splits.
+
 Bad images: an image that is missing (null or empty bytes) or cannot be decoded stops the run with the split file
 and image id, unless `skip_bad_images`; then it is left out of the shard and counted in the shard's metadata.
 """
@@ -16,6 +19,7 @@ and image id, unless `skip_bad_images`; then it is left out of the shard and cou
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import shutil
 import sys
@@ -40,6 +44,7 @@ if TYPE_CHECKING:  # annotations only: callers bring the backbone, and importing
 # Small enough that a crash loses little work and 8 ranks share a 5k-image split evenly; large enough that a
 # 120k-image split is a few hundred files. Changing it re-embeds everything (every shard's range changes).
 SHARD_SIZE = 512
+BLANK_ID = "blank"
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,27 @@ def weights_fingerprint(backbone: VisionBackbone) -> str:
     return digest.hexdigest()
 
 
+def made_with(backbone: VisionBackbone, precision: str) -> dict[str, str]:
+    """The metadata that says which backbone, weights, preprocessing and precision made some embeddings."""
+    return {**backbone.metadata(), "precision": effective_precision(precision),
+            "backbone_weights": weights_fingerprint(backbone)}
+
+
+def blank_image(backbone: VisionBackbone) -> Image.Image:
+    """A constant image of the backbone's mean pixel colour: after normalisation, all zeros. It shows nothing, so
+    its tokens stand in for the image in the blind baseline (what the model answers from the text alone)."""
+    color = tuple(round(255 * value) for value in backbone.image_mean)
+    return Image.new("RGB", (backbone.image_size, backbone.image_size), color)
+
+
+def embed_blank(backbone: VisionBackbone, out_path: Path, precision: str) -> None:
+    """Write the tokens of `blank_image` as a one-row embeddings file (id BLANK_ID), made like the splits'."""
+    image = blank_image(backbone)
+    metadata = {**made_with(backbone, precision), "blank_color": json.dumps(list(image.getpixel((0, 0))))}
+    with EmbeddingWriter(out_path, backbone.num_tokens, backbone.hidden_size, metadata) as writer:
+        _embed_batch(backbone, writer, [BLANK_ID], [image], precision)
+
+
 def embed_split(backbone: VisionBackbone, dataset_path: Path, out_dir: Path, batch_size: int, precision: str,
                 skip_bad_images: bool = False, shard_size: int = SHARD_SIZE) -> SplitSummary:
     """Embed every image of `dataset_path` into shards in `out_dir`, skipping shards already done.
@@ -108,9 +134,7 @@ def embed_split(backbone: VisionBackbone, dataset_path: Path, out_dir: Path, bat
     num_rows = read_split(dataset_path, columns=["image_id"]).num_rows
     shards = plan_shards(num_rows, shard_size)
     metadata = {
-        **backbone.metadata(),
-        "precision": effective_precision(precision),
-        "backbone_weights": weights_fingerprint(backbone),
+        **made_with(backbone, precision),
         "dataset_fingerprint": dataset_fingerprint(dataset_path),
         "split_rows": str(num_rows),
     }
@@ -258,5 +282,5 @@ def _read_image(record: dict[str, Any], dataset_path: Path, skip_bad_images: boo
 def _embed_batch(backbone: VisionBackbone, writer: EmbeddingWriter, ids: list[str], images: list,
                  precision: str) -> None:
     with torch.inference_mode(), autocast(precision):
-        tokens = backbone(backbone.preprocess(images))
+        tokens = backbone(backbone.preprocess(images).to(next(backbone.parameters()).device))
     writer.write(ids, tokens.float())

@@ -162,6 +162,17 @@ def expected_metadata(backbone: BackboneConfig) -> dict[str, object]:
     return {"backbone_source": backbone.source, "image_size": backbone.image_size}
 
 
+# Metadata that says which backbone made embeddings, and how: the blank image's must agree with a split's on these.
+MADE_WITH_KEYS = ("backbone_name", "backbone_source", "backbone_weights", "hidden_size", "num_tokens", "image_size",
+                  "image_mean", "image_std", "resize", "precision")
+
+
+def made_like(embeddings: Embeddings) -> dict[str, object]:
+    """`load_embeddings(..., expect=)` for embeddings made by the same backbone, weights, preprocessing and
+    precision as `embeddings` (e.g. the blank image beside a split)."""
+    return {key: embeddings.metadata[key] for key in MADE_WITH_KEYS if key in embeddings.metadata}
+
+
 def check_expected(path: Path, metadata: dict[str, str], expect: dict[str, object] | None) -> None:
     """Refuse embeddings whose metadata differs from `expect` (what params say), naming the file, key and fix."""
     for key, wanted in (expect or {}).items():

@@ -15,7 +15,7 @@ default data (2 cores): 0.20 s per supervised answer packed, 0.31 s in single-tu
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -33,6 +33,9 @@ class PackedRows:
     segments: torch.Tensor  # SHARED for system + visual tokens, k for the k-th turn, PADDING elsewhere
     position_ids: torch.Tensor
     labels: torch.Tensor  # IGNORE_INDEX except on answer tokens (and their end-of-turn)
+
+    def to(self, device: torch.device) -> PackedRows:
+        return PackedRows(*(getattr(self, f.name).to(device) for f in fields(self)))
 
     @property
     def attention_mask(self) -> torch.Tensor:

@@ -282,7 +282,7 @@ class QFormer(nn.Module):
         if image_embeds.ndim != 3 or image_embeds.shape[-1] != self.config.image_hidden_size:
             raise ValueError(f"QFormer: image_embeds must be [B, T, {self.config.image_hidden_size}] "
                              f"(config.image_hidden_size), got {tuple(image_embeds.shape)}.")
-        return image_embeds.to(self.query_tokens.dtype)
+        return image_embeds.to(device=self.query_tokens.device, dtype=self.query_tokens.dtype)
 
     def _check_text(self, input_ids: torch.Tensor) -> None:
         if input_ids.ndim != 2 or input_ids.shape[1] > self.config.max_position:

@@ -1,15 +1,14 @@
 """The vision-language model: Q-Former -> MLP projector -> visual tokens inside the frozen LLM's prompt.
 
-Only three things train here: the Q-Former's image path, the projector, and LoRA matrices in the LLM.
+Only three things train here: the Q-Former's image path, the projector, and LoRA matrices in the LLM (which can
+be merged into its weights for export, `merge_lora`).
 The backbone is never called: the model consumes cached patch embeddings [B, T, D_image].
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,9 +18,10 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from vlm import distributed
+from vlm.artifacts import atomic_directory
 from vlm.config import LoraConfig
 from vlm.models.packing import PackedRows, pack, turn_attention_mask
 from vlm.models.projector import Projector
@@ -32,11 +32,12 @@ from vlm.models.qformer import QFormer
 STAGE1_ONLY = ("word_embeddings", "position_embeddings", "vision_proj", "text_proj", "itm_head", "lm_transform",
                "lm_bias", "temp")
 VLM_CONFIG = "vlm_config.json"
+ADAPTER_SUBDIR, LLM_SUBDIR = "adapter", "llm"
 
 
 class VisionLanguageModel(nn.Module):
-    def __init__(self, qformer: QFormer, projector: Projector, llm: PeftModel, tokenizer, system_prompt: str,
-                 llm_source: str):
+    def __init__(self, qformer: QFormer, projector: Projector, llm: PeftModel | PreTrainedModel, tokenizer,
+                 system_prompt: str, llm_source: str):
         super().__init__()
         self.qformer, self.projector, self.llm = qformer, projector, llm
         self.tokenizer = tokenizer
@@ -60,14 +61,22 @@ class VisionLanguageModel(nn.Module):
 
     @classmethod
     def load(cls, model_dir: Path, llm_dir: Path | None = None) -> VisionLanguageModel:
-        """Load a model written by `save`. `llm_dir` overrides the recorded base-LLM folder."""
+        """Load a model written by `save` or `write`.
+
+        The LLM comes from `llm_dir` if given, else from the folder's own `llm/` (a self-contained export), else
+        from the recorded base-LLM folder. A folder with a merged LLM (`"lora": "merged"`) has no adapter.
+        """
         model_dir = Path(model_dir)
         config_path = model_dir / VLM_CONFIG
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: is {model_dir} a trained model (train_vlm output)?")
         config = json.loads(config_path.read_text())
-        base, tokenizer = _load_llm(Path(llm_dir or config["llm_source"]))
-        llm = PeftModel.from_pretrained(base, model_dir / "adapter")
+        own_llm = model_dir / LLM_SUBDIR
+        merged = config.get("lora") == "merged"
+        if merged and llm_dir is None and not own_llm.is_dir():
+            raise FileNotFoundError(f"{own_llm} not found: {model_dir} holds a merged model, whose LLM is there")
+        base, tokenizer = _load_llm(Path(llm_dir or (own_llm if own_llm.is_dir() else config["llm_source"])))
+        llm = base if merged else PeftModel.from_pretrained(base, model_dir / ADAPTER_SUBDIR)
         projector = Projector(**config["projector"])
         projector.load_state_dict(load_file(model_dir / "projector.safetensors"))
         qformer = QFormer.load(model_dir / "qformer")
@@ -75,29 +84,48 @@ class VisionLanguageModel(nn.Module):
 
     def save(self, out_dir: Path) -> None:
         """Q-Former, projector and LoRA adapter (peft format) into one folder, atomically."""
-        out_dir = Path(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
-            self.qformer.save(tmp / "qformer")
-            save_file({k: v.contiguous() for k, v in self.projector.state_dict().items()},
-                      tmp / "projector.safetensors")
-            self.llm.save_pretrained(tmp / "adapter")
-            config = {"projector": self.projector.config(), "system_prompt": self.prompt.system_prompt,
-                      "llm_source": self.llm_source}
-            (tmp / VLM_CONFIG).write_text(json.dumps(config, indent=2))
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with atomic_directory(out_dir) as tmp:
+            self.write(tmp)
+
+    def write(self, folder: Path, include_llm: bool = False) -> None:
+        """Write the model's files into an existing `folder`: Q-Former, projector, `vlm_config.json`, the LoRA
+        adapter. With `include_llm` the LLM goes into `llm/` too, so that the folder loads with nothing else: the
+        merged model after `merge_lora` (then there is no adapter), else a copy of the base LLM's folder."""
+        folder = Path(folder)
+        merged = not isinstance(self.llm, PeftModel)
+        if merged and not include_llm:
+            raise ValueError("the LoRA is merged into the LLM, which is stored nowhere yet: use include_llm=True")
+        self.qformer.save(folder / "qformer")
+        save_file({k: v.contiguous().cpu() for k, v in self.projector.state_dict().items()},
+                  folder / "projector.safetensors")
+        if merged:
+            self.llm.save_pretrained(folder / LLM_SUBDIR)
+            self.tokenizer.save_pretrained(folder / LLM_SUBDIR)
+        else:
+            self.llm.save_pretrained(folder / ADAPTER_SUBDIR)
+            if include_llm:
+                shutil.copytree(self.llm_source, folder / LLM_SUBDIR)
+        config = {"projector": self.projector.config(), "system_prompt": self.prompt.system_prompt,
+                  "llm_source": LLM_SUBDIR if include_llm else self.llm_source,
+                  "lora": "merged" if merged else "adapter"}
+        (folder / VLM_CONFIG).write_text(json.dumps(config, indent=2))
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA matrices into the LLM's weights (peft merge_and_unload): a plain LLM, same outputs."""
+        if isinstance(self.llm, PeftModel):
+            self.llm = self.llm.merge_and_unload()
 
     @property
     def pad_id(self) -> int:
         """Filler id for padding and visual slots; tokenizers without a pad token pad with end-of-turn."""
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.prompt.end_of_turn_id
+
+    @property
+    def base_llm(self) -> nn.Module:
+        """The causal LM under the peft wrapper (LoRA layers are injected in place, so they run here too), or
+        the LLM itself once the LoRA is merged."""
+        return self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
 
     def _freeze_stage1_heads(self) -> None:
         for name, param in self.qformer.named_parameters():
@@ -131,7 +159,7 @@ class VisionLanguageModel(nn.Module):
         """
         self._check_context(rows, image_embeds.shape[0])
         visual = self.visual_tokens(image_embeds)
-        layout = pack(self.prompt.prefix_ids, visual.shape[1], rows, self.pad_id, left_pad)
+        layout = pack(self.prompt.prefix_ids, visual.shape[1], rows, self.pad_id, left_pad).to(visual.device)
         embeds = self.llm.get_input_embeddings()(layout.ids).to(visual.dtype)
         embeds = embeds.masked_scatter(layout.is_visual[..., None], visual.reshape(-1, visual.shape[-1]))
         return embeds, layout
@@ -140,7 +168,7 @@ class VisionLanguageModel(nn.Module):
         """Every turn must fit the LLM's context after the shared part (turns restart their positions there)."""
         if len(rows) != batch:
             raise ValueError(f"{len(rows)} rows of turns for {batch} images; give one row per image")
-        context = getattr(self.llm.get_base_model().config, "max_position_embeddings", None)
+        context = getattr(self.base_llm.config, "max_position_embeddings", None)
         if context is None:
             return
         shared = len(self.prompt.prefix_ids) + self.qformer.config.num_queries
@@ -156,7 +184,7 @@ class VisionLanguageModel(nn.Module):
     def forward(self, image_embeds: torch.Tensor, rows: Sequence[Sequence[Example]]) -> torch.Tensor:
         """Mean cross-entropy over answer tokens (incl. end-of-turn) of every turn of every row."""
         embeds, layout = self.build_inputs(image_embeds, rows, left_pad=False)
-        base = self.llm.get_base_model()  # LoRA layers are injected in place, so they run here too
+        base = self.base_llm
         mask = turn_attention_mask(layout.segments, base.config._attn_implementation, embeds.dtype)
         hidden = base.model(inputs_embeds=embeds, attention_mask=mask, position_ids=layout.position_ids).last_hidden_state
         # Position t predicts token t+1 (answers never open a turn, so the shift stays inside the turn). Only

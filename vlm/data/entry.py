@@ -1,0 +1,109 @@
+"""One imported image before its bytes are read: its text, where its file is, and where the record came from.
+
+Importers (coco, vqav2, jsonl_manifest) turn annotation files into Entries, which hold only text, so a whole
+split's annotations fit in memory while its images do not have to: a RecordStream reads one image at a time
+and yields dataset rows (vlm.data.dataset_io) for `write_split` to stream into Parquet.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from vlm.data.dataset_io import DatasetError
+from vlm.data.image_files import BadImage, ImageFolder, read_image
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    answers: tuple[str, ...]  # every human answer, repeats included: VQA accuracy counts agreeing humans
+    type: str
+
+
+@dataclass
+class Entry:
+    image_id: str
+    origin: str  # the file and record it came from, e.g. "dataset_coco.json: images[12] (cocoid 391895)"
+    folder: ImageFolder
+    image_names: tuple[str, ...]  # where the file may be, relative to `folder`, most likely first
+    coco_id: int | None = None  # else looked up by the number ending its file name (COCO naming)
+    captions: list[str] = field(default_factory=list)
+    questions: list[Question] = field(default_factory=list)
+
+
+class RecordStream:
+    """Dataset rows made from `entries`, one image file read at a time, with a progress bar.
+
+    A missing or unreadable image raises DatasetError naming its record, or with `skip_bad_images` is left out
+    and counted in `skipped`.
+    """
+
+    def __init__(self, entries: Sequence[Entry], resize: int = 0, skip_bad_images: bool = False,
+                 description: str = "import") -> None:
+        self.entries = entries
+        self.resize = resize
+        self.skip_bad_images = skip_bad_images
+        self.description = description
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for entry in tqdm(self.entries, desc=self.description, unit="image"):
+            try:
+                image = read_image(entry.folder.find(entry.image_names, entry.coco_id), self.resize)
+            except BadImage as exc:
+                if not self.skip_bad_images:
+                    raise DatasetError(f"{entry.origin}: {exc} (set data.skip_bad_images: true to leave out and "
+                                       "count such images)") from exc
+                self.skipped += 1
+                continue
+            yield {
+                "image_id": entry.image_id,
+                "image": image,
+                "captions": list(entry.captions),
+                "questions": [q.question for q in entry.questions],
+                "answers": [list(q.answers) for q in entry.questions],
+                "question_types": [q.type for q in entry.questions],
+            }
+
+
+def read_json(path: Path) -> Any:
+    """A whole JSON annotation file; a missing or malformed one raises DatasetError naming it."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{path}: file not found") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def text(value: Any, where: str, name: str, empty_ok: bool = True) -> str:
+    """`value` stripped of surrounding white space; DatasetError naming `where` and `name` if it is no string
+    (or, unless `empty_ok`, nothing but white space)."""
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: {name} must be a string, got {value!r}")
+    if not value.strip() and not empty_ok:
+        raise DatasetError(f"{where}: {name} is empty")
+    return value.strip()
+
+
+def integer(value: Any, where: str, name: str) -> int:
+    """`value` if it is a non-negative integer (an id), else DatasetError naming `where` and `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise DatasetError(f"{where}: {name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def require(record: Any, key: str, where: str) -> Any:
+    """record[key], or a DatasetError naming the record and the missing field."""
+    if not isinstance(record, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if key not in record:
+        raise DatasetError(f"{where}: has no {key!r} field")
+    return record[key]
