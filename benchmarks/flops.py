@@ -3,9 +3,9 @@
 Counting rules (matmuls only: norms, activations, softmax, rotary and the loss are a rounding error here):
 
 * A linear layer with W weights applied to T tokens costs 2·W·T forward, another 2·W·T for the gradient of its
-  input (when something below it needs one) and another 2·W·T for the gradient of its weights (when it trains):
+  input (when something before it trains) and another 2·W·T for the gradient of its weights (when it trains):
   6·W·T for a trained layer, 4·W·T for a frozen one that gradients must flow through (every frozen LLM layer:
-  LoRA and the visual tokens sit below them), 2·W·T for one that only runs forward.
+  LoRA and the visual tokens sit below them), 2·W·T for one that only runs forward (a frozen Q-Former).
 * Attention costs 2·width FLOPs per (query, key) pair for the scores and 2·width for the weighted sum
   (width = heads · head dim), 4·width per pair forward and twice that backward. Only the pairs the mask allows
   are counted: a packed row's turns see the shared prefix and themselves, causally.
@@ -85,26 +85,51 @@ class StepFlops:
         return self.llm_linear + self.lm_head + self.qformer_linear + self.projector
 
 
-def qformer_image_flops(qformer: nn.Module, images: int, image_tokens: int) -> tuple[int, int]:
-    """(linear, attention) FLOPs of `QFormer.encode_image` forward + backward for `images` images of
-    `image_tokens` tokens each."""
+def _trains(*modules: nn.Module | None) -> bool:
+    return any(p.requires_grad for m in modules if m is not None for p in m.parameters())
+
+
+def _one(layer: nn.Linear, tokens: int, input_grad: bool) -> int:
+    return linear_flops(layer.weight.numel(), tokens, layer.weight.requires_grad, input_grad)
+
+
+def _attention_block(block: nn.Module, queries: int, keys: int, pairs: int, width: int, flowing: bool,
+                     context_flowing: bool) -> tuple[int, int, bool]:
+    """(linear, attention FLOPs, gradient flowing out) of a Q-Former attention block whose queries read an
+    activation with (`flowing`) or without a gradient path, and whose keys/values read a context likewise."""
+    linear = _one(block.query, queries, flowing)
+    linear += _one(block.key, keys, context_flowing) + _one(block.value, keys, context_flowing)
+    scores = flowing or context_flowing or _trains(block.query, block.key, block.value)
+    linear += _one(block.output, queries, scores)
+    return linear, attention_flops(pairs, width, backward=scores), scores or _trains(block.output, block.layer_norm)
+
+
+def qformer_image_flops(qformer: nn.Module, images: int, image_tokens: int) -> tuple[int, int, bool]:
+    """(linear FLOPs, attention FLOPs, whether a gradient flows out of it) of `QFormer.encode_image`, forward
+    and backward, for `images` images of `image_tokens` tokens each.
+
+    A layer computes its input's gradient only if something before it trains (the queries, an earlier layer),
+    and a weight's gradient only if the weight trains; with the Q-Former frozen (train_vlm.qformer_lr: 0) it
+    runs forward only. Keys and values of the cross-attention read cached image tokens, which need no gradient.
+    """
     config = qformer.config
     queries = images * config.num_queries
     hidden = config.hidden_size
     linear = attention = 0
+    flowing = qformer.query_tokens.requires_grad or _trains(qformer.embed_layer_norm)
     for layer in qformer.layers:
-        # Queries are parameters, so every layer's input needs its gradient.
-        linear += _linear_sum(layer.self_attention, queries, input_grad=True)
-        attention += attention_flops(images * config.num_queries ** 2, hidden)
-        cross = layer.cross_attention
-        if cross is not None:
-            linear += _linear_sum(cross.query, queries, True) + _linear_sum(cross.output, queries, True)
-            # Keys and values read the cached image embeddings, which need no gradient.
-            linear += _linear_sum(cross.key, images * image_tokens, False)
-            linear += _linear_sum(cross.value, images * image_tokens, False)
-            attention += attention_flops(images * config.num_queries * image_tokens, hidden)
-        linear += _linear_sum(layer.query_ffn if layer.query_ffn is not None else layer.text_ffn, queries, True)
-    return linear, attention
+        block = _attention_block(layer.self_attention, queries, queries, images * config.num_queries ** 2,
+                                 hidden, flowing, flowing)
+        linear, attention, flowing = linear + block[0], attention + block[1], block[2]
+        if layer.cross_attention is not None:
+            block = _attention_block(layer.cross_attention, queries, images * image_tokens,
+                                     images * config.num_queries * image_tokens, hidden, flowing, False)
+            linear, attention, flowing = linear + block[0], attention + block[1], block[2]
+        ffn = layer.query_ffn if layer.query_ffn is not None else layer.text_ffn
+        linear += _one(ffn.dense_in, queries, flowing)
+        linear += _one(ffn.dense_out, queries, flowing or _trains(ffn.dense_in))
+        flowing = flowing or _trains(ffn)
+    return linear, attention, flowing
 
 
 def vlm_step_flops(model: nn.Module, image_tokens: int, rows: Sequence[Sequence[Example]]) -> StepFlops:
@@ -119,14 +144,21 @@ def vlm_step_flops(model: nn.Module, image_tokens: int, rows: Sequence[Sequence[
     config = base.config
     width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
     pairs = sum(packed_pairs(shared, lengths) for lengths in turn_lengths)
-    qformer_linear, qformer_attention = qformer_image_flops(model.qformer, images, image_tokens)
+    qformer_linear, qformer_attention, flowing = qformer_image_flops(model.qformer, images, image_tokens)
+    first, *rest = _linears(model.projector)
+    projector = _one(first, images * num_queries, flowing)
+    flowing = flowing or first.weight.requires_grad
+    for layer in rest:
+        projector += _one(layer, images * num_queries, flowing)
+        flowing = flowing or layer.weight.requires_grad
+    # Every LLM layer passes gradients down: to LoRA in the layers below and to the visual tokens (projector).
     return StepFlops(
         llm_linear=_linear_sum(base.model.layers, llm_tokens, input_grad=True),
         llm_attention=config.num_hidden_layers * attention_flops(pairs, width),
         lm_head=_linear_sum(base.lm_head, target_tokens, input_grad=True),
         qformer_linear=qformer_linear,
         qformer_attention=qformer_attention,
-        projector=_linear_sum(model.projector, images * num_queries, input_grad=True),
+        projector=projector,
         llm_tokens=llm_tokens,
         target_tokens=target_tokens,
     )

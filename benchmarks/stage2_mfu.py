@@ -7,7 +7,8 @@ real tokens, allowed attention pairs). The first step is a warm-up and is not co
 
 The peak is the best n x n matmul in the same process, before and after the steps, at the precision the steps
 actually ran at: `precision: bf16` falls back to fp32 on CPUs that only emulate bf16 (vlm/precision.py), so
-there both the steps and the peak are fp32. The bf16 peak is reported beside it to show why.
+there both the steps and the peak are fp32. The bf16 peak is reported beside it to show why. Goal (issue 6):
+≥ 0.5, stated for bf16; here it is checked against the fp32 figure, the only precision this CPU runs usefully.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def run(ws: Workspace, steps: int) -> Figure:
     measured = len(counted)
     return Figure(
         key="stage2_mfu", title=f"3 train_vlm model FLOP/s / matmul peak ({precision})", value=ratio(achieved, peak),
-        goal=None,
+        goal=">= 0.5",
         details={"precision": precision, "steps": measured, "batch_images": batch_size,
                  "s_per_step": seconds / measured, "gflop_per_step": flops / measured / 1e9,
                  "llm_tokens_per_step": sum(s.llm_tokens for s in counted) / measured,

@@ -78,16 +78,20 @@ def test_packed_pairs_are_the_pairs_the_packing_mask_allows() -> None:
     assert int(allowed[real_queries].sum()) == expected
 
 
-def test_step_flops_match_torch_flop_counter_on_a_tiny_vlm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("frozen_qformer", [False, True], ids=["qformer-trains", "qformer-frozen"])
+def test_step_flops_match_torch_flop_counter_on_a_tiny_vlm(tmp_path: Path, frozen_qformer: bool) -> None:
     """Every linear layer of a training step (LLM with LoRA, LM head on answer tokens, Q-Former image path,
-    projector), forward and backward, against FlopCounterMode's count of the matmuls that really ran. The rows
-    have equal lengths, so no padding makes the two differ."""
+    projector), forward and backward, against FlopCounterMode's count of the matmuls that really ran, with the
+    Q-Former trained or frozen as train_vlm freezes it (qformer_lr 0). The rows have equal lengths, so no padding
+    makes the two differ."""
     tiny_qformer(tmp_path / "bert", num_queries=4, cross_attention_freq=2).save(tmp_path / "qformer")
     tiny_llm(tmp_path / "llm")
     torch.manual_seed(0)
     model = VisionLanguageModel.create(tmp_path / "qformer", tmp_path / "llm", projector_hidden=16,
                                        lora=LoraConfig(r=4, alpha=8, dropout=0.0), system_prompt="Answer.")
     model.train()
+    if frozen_qformer:
+        model.qformer.requires_grad_(False)
     turns = [model.prompt.example("how many objects are there?", "two"),
              model.prompt.example("Describe the image.", "a red circle left of a blue square")]
     rows = [turns, turns[::-1]]
