@@ -42,8 +42,7 @@ class Assistant:
     @torch.inference_mode()
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """[B, T, D] backbone tokens of the images, as the `embed` stage caches them (fp32)."""
-        pixels = self.backbone.preprocess(list(images)).to(next(self.backbone.parameters()).device)
-        return self.backbone(pixels).float()
+        return self.backbone(self.backbone.preprocess(list(images))).float()
 
     def generate(self, images: Sequence[Image.Image], instructions: Sequence[str], max_new_tokens: int,
                  beams: int | None = None) -> list[str]:

@@ -282,5 +282,5 @@ def _read_image(record: dict[str, Any], dataset_path: Path, skip_bad_images: boo
 def _embed_batch(backbone: VisionBackbone, writer: EmbeddingWriter, ids: list[str], images: list,
                  precision: str) -> None:
     with torch.inference_mode(), autocast(precision):
-        tokens = backbone(backbone.preprocess(images).to(next(backbone.parameters()).device))
+        tokens = backbone(backbone.preprocess(images))
     writer.write(ids, tokens.float())

@@ -150,7 +150,10 @@ class VisionBackbone(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixel_values: Tensor) -> Tensor:
-        """[B, 3, S, S] normalised pixels -> [B, T, D] token embeddings (prefix tokens first, then patches)."""
+        """[B, 3, S, S] normalised pixels -> [B, T, D] token embeddings (prefix tokens first, then patches).
+
+        The pixels move to the backbone's device (`preprocess` makes them on the CPU), so callers need not."""
+        pixel_values = pixel_values.to(next(self.parameters()).device)
         if self.kind == "open_clip":
             # The final block's tokens passed through ln_post, with the class token kept in front.
             out = self.encoder.forward_intermediates(pixel_values, indices=1, normalize_intermediates=True,
