@@ -71,7 +71,8 @@ class Workspace:
     def backbone(self):
         from vlm.models.backbone import VisionBackbone
 
-        return VisionBackbone.from_folder(self.models / "vision", image_size=self.params.backbone.image_size)
+        return VisionBackbone.from_folder(self.models / "vision", image_size=self.params.backbone.image_size,
+                                          layer=self.params.backbone.layer)
 
     def embed(self, out_dir: Path) -> None:
         """The `embed` stage's path over `dataset`, with the stage's params."""

@@ -24,7 +24,8 @@ def main() -> None:
     distributed.init()
     try:
         params = load_params()
-        backbone = VisionBackbone.from_folder(BASE_MODELS_DIR / "vision", image_size=params.backbone.image_size)
+        backbone = VisionBackbone.from_folder(BASE_MODELS_DIR / "vision", image_size=params.backbone.image_size,
+                                             layer=params.backbone.layer)
         backbone.to(distributed.device())
         counts = {}
         for split in SPLITS:

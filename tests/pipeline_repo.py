@@ -25,7 +25,8 @@ COMMAND_TIMEOUT_S = 600
 
 TINY_PARAMS = {
     "data": {"train_images": 24, "val_images": 4, "test_images": 6, "image_size": VISION_IMAGE_SIZE},
-    "backbone": {"source": "tiny/vision", "image_size": VISION_IMAGE_SIZE, "batch_size": 8, "precision": "fp32"},
+    "backbone": {"source": "tiny/vision", "image_size": VISION_IMAGE_SIZE, "layer": -2, "batch_size": 8,
+                 "precision": "fp32"},
     # The tiny BERT has 32 position embeddings, so captions are truncated to 32 tokens.
     "qformer": {"bert": "tiny/bert", "num_queries": 4, "cross_attention_freq": 1, "embed_dim": 16,
                 "max_text_len": 32},
@@ -33,7 +34,8 @@ TINY_PARAMS = {
     "lora": {"r": 4, "alpha": 8},
     "llm": {"source": "tiny/llm"},
     "train_qformer": {"epochs": 1, "batch_size": 8, "warmup_steps": 1, "log_every": 1, "precision": "fp32"},
-    "train_vlm": {"epochs": 0.2, "batch_size": 8, "warmup_steps": 1, "log_every": 1, "precision": "fp32"},
+    "train_vlm": {"epochs": 0.2, "batch_size": 8, "warmup_steps": 1, "log_every": 1, "precision": "fp32",
+                  "align": {"steps": 3, "batch_size": 8, "warmup_steps": 1}},
     "eval": {"batch_size": 16, "max_new_tokens": 4},
 }
 

@@ -202,3 +202,36 @@ def test_hub_id_is_downloaded_then_validated(tmp_path: Path, monkeypatch: pytest
     assert description["kind"] == "hub" and description["model_type"] == "dinov2"
     backbone = VisionBackbone.from_folder(tmp_path / "vision", image_size=NATIVE_SIZE)
     assert backbone.metadata()["backbone_source"] == "some-org/tiny-dinov2"
+
+
+def test_layer_picks_an_earlier_block_normalised_like_the_last(tmp_path: Path) -> None:
+    """DINOv2: layer -1 is last_hidden_state; layer -2 is the first block's output through the final LayerNorm."""
+    model = _tiny_dinov2().eval()
+    folder = _save_hf_folder(model, tmp_path / "vision")
+    pixels = torch.randn(2, 3, NATIVE_SIZE, NATIVE_SIZE)
+    with torch.no_grad():
+        out = model(pixel_values=pixels, output_hidden_states=True)
+    last = VisionBackbone.from_folder(folder, image_size=NATIVE_SIZE)
+    earlier = VisionBackbone.from_folder(folder, image_size=NATIVE_SIZE, layer=-2)
+    torch.testing.assert_close(last(pixels), out.last_hidden_state)
+    torch.testing.assert_close(earlier(pixels), model.layernorm(out.hidden_states[1]))
+    assert not torch.allclose(earlier(pixels), last(pixels))
+    assert (last.metadata()["layer"], earlier.metadata()["layer"]) == ("-1", "-2")
+    with pytest.raises(ValueError, match=r"backbone.layer must be between -2 and -1"):
+        VisionBackbone.from_folder(folder, image_size=NATIVE_SIZE, layer=-3)
+
+
+def test_open_clip_layer_takes_that_block_through_ln_post(tiny_open_clip_name: str, tmp_path: Path) -> None:
+    materialise("vision", f"open_clip:{tiny_open_clip_name}", tmp_path / "vision")
+    backbone = VisionBackbone.from_folder(tmp_path / "vision", image_size=NATIVE_SIZE, layer=-2)
+    encoder = backbone.encoder
+    pixels = torch.randn(1, 3, NATIVE_SIZE, NATIVE_SIZE)
+    with torch.no_grad():
+        hidden = encoder.ln_pre(encoder._embeds(pixels))
+        blocks = encoder.transformer.resblocks
+        for block in blocks[:len(blocks) - 1]:  # all but the last block
+            hidden = block(hidden)
+        expected = encoder.ln_post(hidden)
+    torch.testing.assert_close(backbone(pixels), expected, atol=1e-4, rtol=1e-4)  # open_clip's fused attention
+    last = VisionBackbone.from_folder(tmp_path / "vision", image_size=NATIVE_SIZE)
+    assert (last(pixels) - expected).abs().max() > 1e-2

@@ -36,7 +36,7 @@ class Assistant:
     def from_pipeline(cls, params: Params, model_dir: Path = VLM_DIR,
                       vision_dir: Path = BASE_MODELS_DIR / "vision") -> Assistant:
         """The pipeline's trained model (run from the repository root after `dvc repro`)."""
-        backbone = VisionBackbone.from_folder(vision_dir, params.backbone.image_size)
+        backbone = VisionBackbone.from_folder(vision_dir, params.backbone.image_size, params.backbone.layer)
         return cls(backbone, VisionLanguageModel.load(model_dir), params.llm, params.eval)
 
     @torch.inference_mode()

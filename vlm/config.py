@@ -134,8 +134,15 @@ class BackboneConfig:
     # or "open_clip:MODEL/PRETRAINED".
     source: str = "bundled"
     image_size: int = 224
+    # Which block's tokens to cache: -1 the last, -2 the one before, ... (LLaVA's `mm_vision_select_layer`).
+    layer: int = -1
     batch_size: int = 32
     precision: Precision = "bf16"
+
+    def __post_init__(self) -> None:
+        if self.layer >= 0:
+            raise ParamsError(f"param backbone.layer counts blocks from the end and must be negative (-1 = the last "
+                              f"block, -2 the one before, ...), got {self.layer}")
 
 
 @dataclass(frozen=True)
@@ -191,6 +198,21 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class AlignConfig:
+    """Query alignment before stage 2 (vlm/train/align.py): visual tokens learn to spell the first caption."""
+
+    steps: int = 200  # 0 skips it
+    batch_size: int = 32
+    lr: float = 1e-3  # the Q-Former's image path and the projector
+    warmup_steps: int = 10
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ParamsError(f"params train_vlm.align: steps must be >= 0 (0 skips alignment), batch_size >= 1 "
+                              f"and lr > 0; got steps={self.steps}, batch_size={self.batch_size}, lr={self.lr}")
+
+
+@dataclass(frozen=True)
 class VLMTrainConfig(TrainConfig):
     """Stage 2. `batch_size` counts images: each brings all of its caption and VQA turns, packed in one row.
 
@@ -200,6 +222,7 @@ class VLMTrainConfig(TrainConfig):
 
     projector_lr: float = 5e-4
     qformer_lr: float = 5e-4  # 0 freezes the Q-Former (no gradient is computed for it)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
 
 @dataclass(frozen=True)

@@ -43,13 +43,14 @@ def export(out_dir: Path, params: Params, merge: bool = True, model_dir: Path = 
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / EXPORT_CONFIG).is_file():
         raise FileExistsError(f"{out_dir} exists and is not an exported model; choose a new folder")
     # Loaded to check it runs at the trained size, and to record how it preprocesses images.
-    backbone = VisionBackbone.from_folder(vision_dir, params.backbone.image_size)
+    backbone = VisionBackbone.from_folder(vision_dir, params.backbone.image_size, params.backbone.layer)
     model = VisionLanguageModel.load(model_dir)
     if merge:
         model.merge_lora()
     config = {
         "format_version": FORMAT_VERSION,
-        "backbone": {"folder": VISION_SUBDIR, "image_size": backbone.image_size, "resize": RESIZE_METHOD,
+        "backbone": {"folder": VISION_SUBDIR, "image_size": backbone.image_size, "layer": backbone.layer,
+                     "resize": RESIZE_METHOD,
                      "image_mean": list(backbone.image_mean), "image_std": list(backbone.image_std),
                      "name": backbone.name, "source": backbone.source, "num_tokens": backbone.num_tokens},
         "llm": {"source": params.llm.source, "system_prompt": model.prompt.system_prompt,
@@ -81,7 +82,8 @@ def load(folder: Path | str) -> Assistant:
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{config_path}: export format {config.get('format_version')!r}, this version of vlm "
                          f"reads format {FORMAT_VERSION}")
-    backbone = VisionBackbone.from_folder(folder / config["backbone"]["folder"], config["backbone"]["image_size"])
+    backbone = VisionBackbone.from_folder(folder / config["backbone"]["folder"], config["backbone"]["image_size"],
+                                         config["backbone"].get("layer", -1))
     model = VisionLanguageModel.load(folder)
     llm = build(LLMConfig, config["llm"], prefix="llm.")
     decoding = build(EvalConfig, config["decoding"], prefix="decoding.")
@@ -109,7 +111,8 @@ def model_card(name: str, config: dict[str, Any], model: VisionLanguageModel, pr
         f"| image backbone (frozen) | `{backbone['folder']}/` | {backbone['name']}, "
         f"{_described(provenance.get('vision', {}), backbone['source'])}; images squash-resized to "
         f"{backbone['image_size']}x{backbone['image_size']} px ({backbone['resize']}), scaled to [0, 1], normalised "
-        f"with mean {backbone['image_mean']} and std {backbone['image_std']}; {backbone['num_tokens']} tokens |",
+        f"with mean {backbone['image_mean']} and std {backbone['image_std']}; {backbone['num_tokens']} tokens of block "
+        f"{backbone.get('layer', -1)} (-1 = the last) |",
         f"| Q-Former | `qformer/` | {qformer.num_layers} layers, width {qformer.hidden_size}, "
         f"{qformer.num_queries} queries, cross-attention every {qformer.cross_attention_freq} layer(s); "
         f"initialised from the BERT of `qformer.bert: {config['qformer_bert']}` |",

@@ -159,12 +159,12 @@ def _common(metadata: dict[str, str]) -> dict[str, str]:
 
 def expected_metadata(backbone: BackboneConfig) -> dict[str, object]:
     """What params say cached embeddings must have been made with: pass as `load_embeddings(..., expect=)`."""
-    return {"backbone_source": backbone.source, "image_size": backbone.image_size}
+    return {"backbone_source": backbone.source, "image_size": backbone.image_size, "layer": backbone.layer}
 
 
 # Metadata that says which backbone made embeddings, and how: the blank image's must agree with a split's on these.
 MADE_WITH_KEYS = ("backbone_name", "backbone_source", "backbone_weights", "hidden_size", "num_tokens", "image_size",
-                  "image_mean", "image_std", "resize", "precision")
+                  "layer", "image_mean", "image_std", "resize", "precision")
 
 
 def made_like(embeddings: Embeddings) -> dict[str, object]:

@@ -73,12 +73,19 @@ def _load_open_clip_encoder(folder: Path, image_size: int) -> tuple[nn.Module, s
     return encoder, name, tuple(record["image_mean"]), tuple(record["image_std"])
 
 
+def _num_blocks(encoder: nn.Module, kind: str) -> int:
+    """Transformer blocks of the encoder (the choices for `layer`)."""
+    if kind == "open_clip":
+        return len(encoder.transformer.resblocks)
+    return int(encoder.config.num_hidden_layers)
+
+
 class VisionBackbone(nn.Module):
     """Frozen image encoder returning every output token: `forward(pixels [B,3,S,S]) -> [B, T, D]`."""
 
     def __init__(self, encoder: nn.Module, *, kind: str, name: str, source: str, image_size: int,
                  image_mean: tuple[float, ...], image_std: tuple[float, ...],
-                 forward_kwargs: dict[str, Any] | None = None) -> None:
+                 forward_kwargs: dict[str, Any] | None = None, layer: int = -1) -> None:
         super().__init__()
         if kind not in ("hf", "open_clip"):
             raise ValueError(f"Unknown backbone kind '{kind}'; expected 'hf' or 'open_clip'.")
@@ -92,6 +99,11 @@ class VisionBackbone(nn.Module):
         self.image_mean = tuple(float(value) for value in image_mean)
         self.image_std = tuple(float(value) for value in image_std)
         self._forward_kwargs = forward_kwargs or {}
+        blocks = _num_blocks(encoder, kind)
+        if not -blocks <= layer <= -1:
+            raise ValueError(f"backbone.layer must be between -{blocks} and -1 for {name} ({blocks} blocks; -1 = "
+                             f"the last block, -2 the one before, ...), got {layer}")
+        self.layer = layer
         # One dummy forward tells token count and width for every model family, and fails here, early, if the
         # model cannot run at this resolution.
         try:
@@ -103,8 +115,9 @@ class VisionBackbone(nn.Module):
         self.eval()
 
     @classmethod
-    def from_folder(cls, path: Path, image_size: int) -> "VisionBackbone":
-        """Load a folder written by `vlm.weights.sources.materialise` (or any HF vision model folder)."""
+    def from_folder(cls, path: Path, image_size: int, layer: int = -1) -> "VisionBackbone":
+        """Load a folder written by `vlm.weights.sources.materialise` (or any HF vision model folder); `layer`
+        picks the block whose tokens `forward` returns (see `forward`)."""
         folder = Path(path)
         if not folder.is_dir():
             raise FileNotFoundError(f"Vision backbone folder not found: {folder}")
@@ -115,13 +128,13 @@ class VisionBackbone(nn.Module):
         if (folder / OPEN_CLIP_CONFIG).is_file():
             encoder, name, mean, std = _load_open_clip_encoder(folder, image_size)
             return cls(encoder, kind="open_clip", name=name, source=source, image_size=image_size,
-                       image_mean=mean, image_std=std)
+                       image_mean=mean, image_std=std, layer=layer)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder} has neither config.json (Hugging Face) nor {OPEN_CLIP_CONFIG} "
                                     "(open_clip); create it with the `weights` stage (vlm.weights.sources).")
         encoder, forward_kwargs, name, mean, std = _load_hf_encoder(folder, image_size)
         return cls(encoder, kind="hf", name=name, source=source, image_size=image_size,
-                   image_mean=mean, image_std=std, forward_kwargs=forward_kwargs)
+                   image_mean=mean, image_std=std, forward_kwargs=forward_kwargs, layer=layer)
 
     @property
     def hidden_size(self) -> int:
@@ -152,15 +165,23 @@ class VisionBackbone(nn.Module):
     def forward(self, pixel_values: Tensor) -> Tensor:
         """[B, 3, S, S] normalised pixels -> [B, T, D] token embeddings (prefix tokens first, then patches).
 
-        The pixels move to the backbone's device (`preprocess` makes them on the CPU), so callers need not."""
+        The tokens are block `self.layer`'s output (-1: the last block), normalised the way the model normalises
+        its last block's output (DINOv2/ViT `layernorm`, open_clip `ln_post`; CLIP's HF towers have none), as
+        DINOv2's `get_intermediate_layers(norm=True)` does. The pixels move to the backbone's device
+        (`preprocess` makes them on the CPU), so callers need not."""
         pixel_values = pixel_values.to(next(self.parameters()).device)
         if self.kind == "open_clip":
-            # The final block's tokens passed through ln_post, with the class token kept in front.
-            out = self.encoder.forward_intermediates(pixel_values, indices=1, normalize_intermediates=True,
+            block = _num_blocks(self.encoder, self.kind) + self.layer
+            out = self.encoder.forward_intermediates(pixel_values, indices=[block], normalize_intermediates=True,
                                                      intermediates_only=True, output_fmt="NLC",
                                                      output_extra_tokens=True)
             return torch.cat([out["image_intermediates_prefix"][-1], out["image_intermediates"][-1]], dim=1)
-        return self.encoder(pixel_values=pixel_values, **self._forward_kwargs).last_hidden_state
+        if self.layer == -1:
+            return self.encoder(pixel_values=pixel_values, **self._forward_kwargs).last_hidden_state
+        out = self.encoder(pixel_values=pixel_values, output_hidden_states=True, **self._forward_kwargs)
+        tokens = out.hidden_states[self.layer]  # [0] is the patch embedding, [k] block k's output
+        final_norm = getattr(self.encoder, "layernorm", None)
+        return final_norm(tokens) if final_norm is not None else tokens
 
     def metadata(self) -> dict[str, str]:
         """Everything needed to interpret (and reproduce) cached embeddings, as strings for Parquet metadata."""
@@ -170,6 +191,7 @@ class VisionBackbone(nn.Module):
             "hidden_size": str(self.hidden_size),
             "num_tokens": str(self.num_tokens),
             "image_size": str(self.image_size),
+            "layer": str(self.layer),
             "image_mean": json.dumps(list(self.image_mean)),
             "image_std": json.dumps(list(self.image_std)),
             "resize": RESIZE_METHOD,

@@ -1,0 +1,107 @@
+"""Query alignment (vlm/train/align.py): targets, the loss against a hand computation, and training on a tiny VLM."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import IMAGE_WIDTH, TINY_VLM_IMAGE_TOKENS, tiny_llm_tokenizer, tiny_vlm, tiny_vlm_folders
+from tiny_qformer import single_torch_thread  # noqa: F401 (autouse fixture)
+
+from vlm.config import AlignConfig, ParamsError, VLMTrainConfig
+from vlm.data.dataset_io import write_split
+from vlm.data.embeddings import Embeddings, gather
+from vlm.data.synthetic import generate_records
+from vlm.models.prompt import IGNORE_INDEX
+from vlm.train.align import align_queries, alignment_losses, caption_targets, first_captions
+
+
+def test_caption_targets_truncate_to_the_slots_and_leave_the_rest_free() -> None:
+    tokenizer = tiny_llm_tokenizer()
+    captions = {"long": "a red circle left of a blue square", "short": "a star"}
+    targets = caption_targets(tokenizer, captions, num_slots=4)
+    long_ids = tokenizer(captions["long"], add_special_tokens=False)["input_ids"]
+    short_ids = tokenizer(captions["short"], add_special_tokens=False)["input_ids"]
+    assert len(long_ids) > 4 and len(short_ids) < 4
+    assert targets["long"] == long_ids[:4]
+    assert targets["short"] == short_ids + [IGNORE_INDEX] * (4 - len(short_ids))
+
+
+def test_alignment_loss_equals_a_hand_computation() -> None:
+    embedding_matrix = torch.tensor([[1.0, 0.0], [0.0, 2.0], [5.0, 5.0], [-1.0, 1.0]])
+    vocab = torch.tensor([0, 1, 3])  # token 2 never is a target
+    visual = torch.tensor([[[2.0, 1.0], [0.5, 0.5], [9.0, 9.0]]])
+    targets = torch.tensor([[0, 3, IGNORE_INDEX]])
+    losses = alignment_losses(visual, targets, embedding_matrix, vocab)
+
+    rows = embedding_matrix.tolist()
+
+    def ce(v, target_token):
+        logits = [v[0] * rows[t][0] + v[1] * rows[t][1] for t in vocab.tolist()]
+        log_z = math.log(sum(math.exp(x) for x in logits))
+        return log_z - logits[vocab.tolist().index(target_token)]
+
+    expected_ce = (ce([2.0, 1.0], 0) + ce([0.5, 0.5], 3)) / 2
+    expected_distance = (((2 - 1) ** 2 + 1 ** 2) / 1 + ((0.5 + 1) ** 2 + (0.5 - 1) ** 2) / 2) / 2
+    assert float(losses["ce"]) == pytest.approx(expected_ce, rel=1e-6)
+    assert float(losses["distance"]) == pytest.approx(expected_distance, rel=1e-6)
+    assert float(losses["loss"]) == pytest.approx(expected_ce + expected_distance, rel=1e-6)
+    # slot 0: logits (2, 1, -1) -> token 0, right; slot 1: (0.5, 1, 0) -> token 1, wrong (wants 3)
+    assert float(losses["accuracy"]) == pytest.approx(0.5)
+
+
+def test_free_slots_do_not_touch_the_loss() -> None:
+    embedding_matrix = torch.randn(6, 4)
+    vocab = torch.tensor([1, 2, 4])
+    targets = torch.tensor([[1, 4, IGNORE_INDEX, IGNORE_INDEX]])
+    visual = torch.randn(1, 4, 4)
+    changed = visual.clone()
+    changed[0, 2:] += 100.0
+    assert float(alignment_losses(visual, targets, embedding_matrix, vocab)["loss"]) == pytest.approx(
+        float(alignment_losses(changed, targets, embedding_matrix, vocab)["loss"]))
+
+
+def test_a_batch_without_any_caption_token_is_refused() -> None:
+    with pytest.raises(ValueError, match="no caption token"):
+        alignment_losses(torch.randn(1, 2, 3), torch.full((1, 2), IGNORE_INDEX), torch.randn(5, 3),
+                         torch.tensor([0]))
+
+
+def test_align_params_are_validated_with_their_names() -> None:
+    with pytest.raises(ParamsError, match="train_vlm.align"):
+        AlignConfig(steps=-1)
+
+
+def test_alignment_teaches_the_visual_tokens_to_spell_their_captions(tmp_path: Path) -> None:
+    """On a tiny VLM, a few hundred steps must make each image's visual tokens decode to its caption's tokens
+    through the LLM's embedding matrix far better than before; LoRA and the LLM stay untouched."""
+    records = list(generate_records(seed=3, num_images=4, image_size=32, id_prefix="train"))
+    dataset = tmp_path / "train.parquet"
+    write_split(records, dataset)
+    ids = [record["image_id"] for record in records]
+    images = torch.randn(len(ids), TINY_VLM_IMAGE_TOKENS, IMAGE_WIDTH, generator=torch.Generator().manual_seed(0))
+    embeddings = Embeddings(ids, images.half(), {})
+    model = tiny_vlm(tiny_vlm_folders(tmp_path))
+    frozen_before = {name: p.detach().clone() for name, p in model.llm.named_parameters()}
+
+    def slot_accuracy() -> float:
+        targets = caption_targets(model.tokenizer, first_captions(dataset), model.qformer.config.num_queries)
+        target = torch.tensor([targets[i] for i in ids])
+        matrix = model.llm.get_input_embeddings().weight
+        with torch.no_grad():
+            predicted = (model.visual_tokens(gather(embeddings, ids).float()) @ matrix.T).argmax(-1)
+        supervised = target != IGNORE_INDEX
+        return float((predicted == target)[supervised].float().mean())
+
+    before = slot_accuracy()
+    config = replace(VLMTrainConfig(precision="fp32", checkpoint_every=0, seed=0),
+                     align=AlignConfig(steps=150, batch_size=4, lr=3e-3, warmup_steps=5))
+    metrics = align_queries(model, embeddings, dataset, config, log_dir=None)
+    after = slot_accuracy()
+    assert after > max(0.8, before + 0.5), (before, after)
+    assert set(metrics) == {"align_loss", "align_ce", "align_distance", "align_accuracy"}
+    for name, parameter in model.llm.named_parameters():  # the LLM and LoRA are not part of the alignment
+        assert torch.equal(parameter, frozen_before[name]), name
