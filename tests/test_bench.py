@@ -151,3 +151,47 @@ def test_forward_clock_times_each_kind_of_call() -> None:
     clock.remove()
     layer(torch.zeros(1, 4))
     assert clock.calls["one"] == 2
+
+
+# ------------------------------------------------------------------------------------------- layer probe
+
+
+def test_layer_probe_labels_are_the_scene_truth() -> None:
+    from benchmarks.layer_probe import scene_labels
+    from vlm.data.synthetic import COLORS, SHAPES, image_rng, sample_scene, scene_record
+
+    for index in range(20):
+        rng = image_rng(7, index)
+        scene = sample_scene(rng, 1, 4)
+        record = scene_record(scene, rng, f"x-{index}", 32)
+        colours, shapes, count = scene_labels(record)
+        assert colours == [float(any(o.color == c for o in scene.objects)) for c in COLORS]
+        assert shapes == [float(any(o.shape == s for o in scene.objects)) for s in SHAPES]
+        assert count in (-1, len(scene.objects))
+
+
+def test_layer_probe_separates_what_is_separable_and_not_noise() -> None:
+    from benchmarks.layer_probe import probe_accuracy
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(400, 8, generator=generator)
+    signal = (features[:, :2] > 0).float()  # labels written in the features
+    noise = (torch.rand(400, 2, generator=generator) > 0.5).float()
+    assert probe_accuracy(features, signal, 300, multilabel=True) > 0.9
+    assert probe_accuracy(features, noise, 300, multilabel=True) < 0.45  # chance for two labels: 0.25
+
+
+def test_layer_probe_runs_each_layer_of_a_tiny_backbone(tmp_path: Path) -> None:
+    from tiny_models import VISION_IMAGE_SIZE, tiny_vision
+
+    from benchmarks.layer_probe import probe
+    from vlm.data.dataset_io import write_split
+    from vlm.data.synthetic import generate_records
+
+    dataset = tmp_path / "train.parquet"
+    write_split(generate_records(seed=1, num_images=16, image_size=VISION_IMAGE_SIZE, id_prefix="train"), dataset)
+    results = probe(tiny_vision(tmp_path / "vision"), dataset, [-2, -1], images=16, image_size=VISION_IMAGE_SIZE)
+    assert set(results) == {-2, -1}
+    for scores in results.values():
+        assert set(scores) == {"colour_set", "shape_set", "count"}
+        assert all(0.0 <= value <= 1.0 for value in scores.values())
