@@ -100,7 +100,7 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
     targets = caption_targets(model.tokenizer, captions, model.qformer.config.num_queries)
     device = distributed.device()
     vocab = torch.tensor(sorted({t for ids in targets.values() for t in ids if t != IGNORE_INDEX}), device=device)
-    embedding_matrix = model.llm.get_input_embeddings().weight.detach()
+    embedding_matrix = model.llm.get_input_embeddings().weight.detach().float()  # once, not per step
     batch_size = min(align.batch_size, len(targets))
     local = distributed.local_slice(batch_size)
     model.to(device).train()
@@ -108,7 +108,7 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
     def step_losses(batch):
         images, slot_targets = batch
         visual = model.visual_tokens(images[local].to(device))
-        return alignment_losses(visual.float(), slot_targets[local].to(device), embedding_matrix.float(), vocab)
+        return alignment_losses(visual.float(), slot_targets[local].to(device), embedding_matrix, vocab)
 
     parameters = list(model.projector.parameters()) + [p for p in model.qformer.parameters() if p.requires_grad]
     checkpointer = None
