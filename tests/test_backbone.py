@@ -221,6 +221,22 @@ def test_layer_picks_an_earlier_block_normalised_like_the_last(tmp_path: Path) -
         VisionBackbone.from_folder(folder, image_size=NATIVE_SIZE, layer=-3)
 
 
+def test_a_list_of_layers_concatenates_their_tokens_along_the_width(tiny_open_clip_name: str,
+                                                                   tmp_path: Path) -> None:
+    model = _tiny_dinov2().eval()
+    folder = _save_hf_folder(model, tmp_path / "vision")
+    materialise("vision", f"open_clip:{tiny_open_clip_name}", tmp_path / "clip")
+    pixels = torch.randn(2, 3, NATIVE_SIZE, NATIVE_SIZE)
+    for path in (folder, tmp_path / "clip"):
+        both = VisionBackbone.from_folder(path, image_size=NATIVE_SIZE, layer=[-2, -1])
+        singles = [VisionBackbone.from_folder(path, image_size=NATIVE_SIZE, layer=index) for index in (-2, -1)]
+        torch.testing.assert_close(both(pixels), torch.cat([single(pixels) for single in singles], dim=-1),
+                                   atol=1e-4, rtol=1e-4)
+        assert both.hidden_size == 2 * singles[0].hidden_size and both.metadata()["layer"] == "-2,-1"
+    with pytest.raises(ValueError, match=r"or a list of such blocks"):
+        VisionBackbone.from_folder(folder, image_size=NATIVE_SIZE, layer=[-1, -3])
+
+
 def test_open_clip_layer_takes_that_block_through_ln_post(tiny_open_clip_name: str, tmp_path: Path) -> None:
     materialise("vision", f"open_clip:{tiny_open_clip_name}", tmp_path / "vision")
     backbone = VisionBackbone.from_folder(tmp_path / "vision", image_size=NATIVE_SIZE, layer=-2)

@@ -71,6 +71,17 @@ def test_literal_value_outside_the_allowed_set_lists_the_allowed_values(tmp_path
     assert "bf16" in message and "fp32" in message
 
 
+@pytest.mark.parametrize("value, layers", [(-5, (-5,)), ([-9, -5], (-9, -5))])
+def test_backbone_layer_is_one_block_or_a_list(tmp_path: Path, value: object, layers: tuple) -> None:
+    assert load_params(write_params(tmp_path, {"backbone": {"layer": value}})).backbone.layers == layers
+
+
+@pytest.mark.parametrize("value", [3, [-5, -5], [], "-5", [-5, "x"]])
+def test_bad_backbone_layer_names_the_key(tmp_path: Path, value: object) -> None:
+    with pytest.raises(ParamsError, match=r"backbone\.layer"):
+        load_params(write_params(tmp_path, {"backbone": {"layer": value}}))
+
+
 def test_nested_loss_weights_are_read_and_validated(tmp_path: Path) -> None:
     params = load_params(write_params(tmp_path, {"qformer": {"losses": {"itc": 0.5, "itm": 0, "itg": 2}}}))
     assert params.qformer.losses == QFormerLossWeights(itc=0.5, itm=0.0, itg=2.0)

@@ -129,6 +129,20 @@ def test_packed_turns_score_exactly_as_separate_single_turn_rows(model) -> None:
     torch.testing.assert_close(mixed, (separate * sum(weights) + alone * weights[1]) / total, atol=1e-5, rtol=1e-5)
 
 
+def test_turn_average_weighs_every_turn_the_same_however_long_its_answer(model) -> None:
+    """average="turn" == the plain mean of each turn's own token-mean loss, over the turns of every row."""
+    batch = examples(model)
+    images = image_embeds(2)
+    with torch.no_grad():
+        per_turn = [model(images[:1], [[example]]) for example in batch] + [model(images[1:], [[batch[1]]])]
+        turn_mean = model(images, [batch, batch[1:2]], average="turn")
+        token_mean = model(images, [batch, batch[1:2]], average="token")
+    torch.testing.assert_close(turn_mean, torch.stack(per_turn).mean(), atol=1e-5, rtol=1e-5)
+    assert abs(float(turn_mean - token_mean)) > 1e-4, "the answers' lengths differ, so the two means must too"
+    with pytest.raises(ValueError, match="average must be"):
+        model(images, [batch, batch[1:2]], average="row")
+
+
 def test_right_padding_for_training_left_padding_for_generation(model) -> None:
     batch = examples(model)
     lengths = [len(model.prompt.prefix_ids) + NUM_QUERIES + len(ex.user_ids) + len(ex.answer_ids) for ex in batch]

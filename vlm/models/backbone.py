@@ -11,6 +11,7 @@ its outputs can be cached once (in Parquet) and reused by every training run.
 
 import inspect
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,6 +22,7 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import MODEL_MAPPING, AutoConfig, AutoModel
 
+from vlm.config import layer_label
 from vlm.weights.sources import HF_PREPROCESSOR_CONFIG, OPEN_CLIP_CONFIG, SOURCE_RECORD
 
 RESIZE_METHOD = "bicubic"
@@ -85,7 +87,7 @@ class VisionBackbone(nn.Module):
 
     def __init__(self, encoder: nn.Module, *, kind: str, name: str, source: str, image_size: int,
                  image_mean: tuple[float, ...], image_std: tuple[float, ...],
-                 forward_kwargs: dict[str, Any] | None = None, layer: int = -1) -> None:
+                 forward_kwargs: dict[str, Any] | None = None, layer: int | Sequence[int] = -1) -> None:
         super().__init__()
         if kind not in ("hf", "open_clip"):
             raise ValueError(f"Unknown backbone kind '{kind}'; expected 'hf' or 'open_clip'.")
@@ -100,10 +102,11 @@ class VisionBackbone(nn.Module):
         self.image_std = tuple(float(value) for value in image_std)
         self._forward_kwargs = forward_kwargs or {}
         blocks = _num_blocks(encoder, kind)
-        if not -blocks <= layer <= -1:
+        self.layer = layer if isinstance(layer, int) else tuple(layer)
+        self.layers = (layer,) if isinstance(layer, int) else tuple(layer)
+        if not self.layers or not all(-blocks <= index <= -1 for index in self.layers):
             raise ValueError(f"backbone.layer must be between -{blocks} and -1 for {name} ({blocks} blocks; -1 = "
-                             f"the last block, -2 the one before, ...), got {layer}")
-        self.layer = layer
+                             f"the last block, -2 the one before, ...), or a list of such blocks, got {layer}")
         # One dummy forward tells token count and width for every model family, and fails here, early, if the
         # model cannot run at this resolution.
         try:
@@ -115,9 +118,9 @@ class VisionBackbone(nn.Module):
         self.eval()
 
     @classmethod
-    def from_folder(cls, path: Path, image_size: int, layer: int = -1) -> "VisionBackbone":
+    def from_folder(cls, path: Path, image_size: int, layer: int | Sequence[int] = -1) -> "VisionBackbone":
         """Load a folder written by `vlm.weights.sources.materialise` (or any HF vision model folder); `layer`
-        picks the block whose tokens `forward` returns (see `forward`)."""
+        picks the block (or blocks) whose tokens `forward` returns (see `forward`)."""
         folder = Path(path)
         if not folder.is_dir():
             raise FileNotFoundError(f"Vision backbone folder not found: {folder}")
@@ -167,21 +170,24 @@ class VisionBackbone(nn.Module):
 
         The tokens are block `self.layer`'s output (-1: the last block), normalised the way the model normalises
         its last block's output (DINOv2/ViT `layernorm`, open_clip `ln_post`; CLIP's HF towers have none), as
-        DINOv2's `get_intermediate_layers(norm=True)` does. The pixels move to the backbone's device
-        (`preprocess` makes them on the CPU), so callers need not."""
+        DINOv2's `get_intermediate_layers(norm=True)` does. With several blocks, their tokens are concatenated
+        along the width ([B, T, D * blocks]): a middle block still knows colours that the last has learnt to
+        ignore, while the later one knows shapes better (README, "Which backbone block"). The pixels move to the
+        backbone's device (`preprocess` makes them on the CPU), so callers need not."""
         pixel_values = pixel_values.to(next(self.parameters()).device)
         if self.kind == "open_clip":
-            block = _num_blocks(self.encoder, self.kind) + self.layer
-            out = self.encoder.forward_intermediates(pixel_values, indices=[block], normalize_intermediates=True,
-                                                     intermediates_only=True, output_fmt="NLC",
-                                                     output_extra_tokens=True)
-            return torch.cat([out["image_intermediates_prefix"][-1], out["image_intermediates"][-1]], dim=1)
-        if self.layer == -1:
+            blocks = _num_blocks(self.encoder, self.kind)
+            out = self.encoder.forward_intermediates(pixel_values, indices=[blocks + i for i in self.layers],
+                                                     normalize_intermediates=True, intermediates_only=True,
+                                                     output_fmt="NLC", output_extra_tokens=True)
+            return torch.cat([torch.cat([prefix, patches], dim=1) for prefix, patches
+                              in zip(out["image_intermediates_prefix"], out["image_intermediates"])], dim=-1)
+        if self.layers == (-1,):
             return self.encoder(pixel_values=pixel_values, **self._forward_kwargs).last_hidden_state
         out = self.encoder(pixel_values=pixel_values, output_hidden_states=True, **self._forward_kwargs)
-        tokens = out.hidden_states[self.layer]  # [0] is the patch embedding, [k] block k's output
-        final_norm = getattr(self.encoder, "layernorm", None)
-        return final_norm(tokens) if final_norm is not None else tokens
+        final_norm = getattr(self.encoder, "layernorm", None) or nn.Identity()
+        # hidden_states[0] is the patch embedding, [k] block k's output
+        return torch.cat([final_norm(out.hidden_states[index]) for index in self.layers], dim=-1)
 
     def metadata(self) -> dict[str, str]:
         """Everything needed to interpret (and reproduce) cached embeddings, as strings for Parquet metadata."""
@@ -191,7 +197,7 @@ class VisionBackbone(nn.Module):
             "hidden_size": str(self.hidden_size),
             "num_tokens": str(self.num_tokens),
             "image_size": str(self.image_size),
-            "layer": str(self.layer),
+            "layer": layer_label(self.layer),
             "image_mean": json.dumps(list(self.image_mean)),
             "image_std": json.dumps(list(self.image_std)),
             "resize": RESIZE_METHOD,

@@ -181,8 +181,11 @@ class VisionLanguageModel(nn.Module):
                                      f"the LLM's context of {context} tokens; shorten this question or answer: "
                                      f"{text[:80]!r}...")
 
-    def forward(self, image_embeds: torch.Tensor, rows: Sequence[Sequence[Example]]) -> torch.Tensor:
-        """Mean cross-entropy over answer tokens (incl. end-of-turn) of every turn of every row."""
+    def forward(self, image_embeds: torch.Tensor, rows: Sequence[Sequence[Example]], average: str = "token"
+                ) -> torch.Tensor:
+        """Cross-entropy over the answer tokens (incl. end-of-turn) of every turn of every row: the mean over
+        tokens (`average="token"`), or over turns of each turn's mean (`"turn"`, so that a one-word answer
+        weighs as much as a long caption)."""
         embeds, layout = self.build_inputs(image_embeds, rows, left_pad=False)
         base = self.base_llm
         mask = turn_attention_mask(layout.segments, base.config._attn_implementation, embeds.dtype)
@@ -192,8 +195,17 @@ class VisionLanguageModel(nn.Module):
         targets = layout.labels[:, 1:]
         is_target = targets != IGNORE_INDEX
         logits = base.lm_head(hidden[:, :-1][is_target])
-        total = F.cross_entropy(logits.float(), targets[is_target], reduction="sum")
-        return distributed.global_mean(total, int(is_target.sum()))  # under torchrun: over all ranks' tokens
+        token_losses = F.cross_entropy(logits.float(), targets[is_target], reduction="none")
+        if average == "token":
+            return distributed.global_mean(token_losses.sum(), len(token_losses))  # torchrun: all ranks' tokens
+        if average != "turn":
+            raise ValueError(f"average must be 'token' or 'turn', got {average!r}")
+        # A turn is (row, segment); weigh each token by 1 / (target tokens in its turn).
+        rows_of = torch.arange(len(targets), device=targets.device)[:, None].expand_as(targets)
+        turn_keys = rows_of[is_target] * (int(layout.segments.max()) + 1) + layout.segments[:, 1:][is_target]
+        _, turn_of_token, turn_sizes = torch.unique(turn_keys, return_inverse=True, return_counts=True)
+        total = (token_losses / turn_sizes[turn_of_token]).sum()
+        return distributed.global_mean(total, len(turn_sizes))
 
     @torch.inference_mode()
     def generate(self, image_embeds: torch.Tensor, instructions: Sequence[str], max_new_tokens: int = 40,

@@ -112,7 +112,7 @@ def train_vlm(model: VisionLanguageModel, embeddings: Embeddings, dataset_path: 
 
     def step_losses(batch):
         images, rows = batch
-        return {"loss": model(images[local], rows[local])}
+        return {"loss": model(images[local], rows[local], average=config.loss_average)}
 
     checkpointer = None
     if checkpoint_dir is not None:
