@@ -2,6 +2,9 @@
 
     .venv/bin/python -m benchmarks.layer_probe [IMAGES] [LAYER ...]     # after `dvc repro` has run data + weights
 
+A LAYER is one block (-5) or several joined by commas (-9,-5: their tokens concatenated, as a list does in
+`backbone.layer`).
+
 For synthetic scenes, each image's labels are read from its captions: which colours and which shapes it shows
 (multi-label) and how many objects (from the count question). Features are an image's CLS token and its mean
 patch token, from block `layer` through the model's final norm (what `embed` caches for `backbone.layer`). A
@@ -23,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vlm.config import layer_label
 from vlm.data.dataset_io import read_split
 from vlm.data.synthetic import COLORS, SHAPES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_LAYERS = (-9, -5, -1)  # blocks 4, 8 and 12 of DINOv2-S
+DEFAULT_LAYERS = (-9, -5, -1, (-9, -5))  # blocks 4, 8 and 12 of DINOv2-S, and 4 + 8 concatenated
+Layer = int | tuple[int, ...]
 IMAGE_SIZE = 112  # params.yaml's backbone.image_size
 
 
@@ -75,8 +80,8 @@ def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, train: int, mul
     return round(float(right.float().mean()), 3)
 
 
-def probe(vision_folder: Path, dataset: Path, layers: list[int], images: int, image_size: int = IMAGE_SIZE
-          ) -> dict[int, dict[str, float]]:
+def probe(vision_folder: Path, dataset: Path, layers: list[Layer], images: int, image_size: int = IMAGE_SIZE
+          ) -> dict[Layer, dict[str, float]]:
     """layer -> {"colour_set", "shape_set", "count"} held-out probe accuracies."""
     from vlm.models.backbone import VisionBackbone
 
@@ -99,7 +104,7 @@ def probe(vision_folder: Path, dataset: Path, layers: list[int], images: int, im
 
 def main(argv: list[str]) -> None:
     images = int(argv[0]) if argv else 800
-    layers = [int(value) for value in argv[1:]] or list(DEFAULT_LAYERS)
+    layers = [parse_layer(value) for value in argv[1:]] or list(DEFAULT_LAYERS)
     torch.manual_seed(0)
     results = probe(REPO_ROOT / "models" / "base" / "vision", REPO_ROOT / "data" / "dataset" / "train.parquet",
                     layers, images)
@@ -107,8 +112,14 @@ def main(argv: list[str]) -> None:
     print("| backbone.layer | colours (exact set) | shapes (exact set) | object count |")
     print("|---|---|---|---|")
     for layer, scores in results.items():
-        print(f"| {layer} | {scores['colour_set']} | {scores['shape_set']} | {scores['count']} |")
-    print(json.dumps({str(layer): scores for layer, scores in results.items()}))
+        print(f"| {layer_label(layer)} | {scores['colour_set']} | {scores['shape_set']} | {scores['count']} |")
+    print(json.dumps({layer_label(layer): scores for layer, scores in results.items()}))
+
+
+def parse_layer(text: str) -> Layer:
+    """"-5" -> -5, "-9,-5" -> (-9, -5)."""
+    values = tuple(int(value) for value in text.split(","))
+    return values[0] if len(values) == 1 else values
 
 
 if __name__ == "__main__":

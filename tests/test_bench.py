@@ -184,14 +184,15 @@ def test_layer_probe_separates_what_is_separable_and_not_noise() -> None:
 def test_layer_probe_runs_each_layer_of_a_tiny_backbone(tmp_path: Path) -> None:
     from tiny_models import VISION_IMAGE_SIZE, tiny_vision
 
-    from benchmarks.layer_probe import probe
+    from benchmarks.layer_probe import parse_layer, probe
     from vlm.data.dataset_io import write_split
     from vlm.data.synthetic import generate_records
 
     dataset = tmp_path / "train.parquet"
     write_split(generate_records(seed=1, num_images=16, image_size=VISION_IMAGE_SIZE, id_prefix="train"), dataset)
-    results = probe(tiny_vision(tmp_path / "vision"), dataset, [-2, -1], images=16, image_size=VISION_IMAGE_SIZE)
-    assert set(results) == {-2, -1}
+    results = probe(tiny_vision(tmp_path / "vision"), dataset, [-2, -1, parse_layer("-2,-1")], images=16,
+                    image_size=VISION_IMAGE_SIZE)
+    assert set(results) == {-2, -1, (-2, -1)}
     for scores in results.values():
         assert set(scores) == {"colour_set", "shape_set", "count"}
         assert all(0.0 <= value <= 1.0 for value in scores.values())
