@@ -6,10 +6,11 @@ with params.yaml's eval section; the per-sample side only sets eval.batch_size t
 decoded answers (re-tokenised), counted on each side's own output; the share of identical outputs is reported,
 since batching with left padding may flip a near-tie. Goal ≥ 5.
 
-Hooks on the LLM's forward split each side's time into prompt passes (prefill: the whole prompt, system +
-visual tokens + question, in one forward) and decode steps (one new token per row), which is where batching
-can and cannot help: a batch shares each decode step's weight reads among its rows, while a prompt pass is
-already a matrix of ~38 tokens per sample either way.
+Hooks on the LLM's forward split each side's time into prompt passes (prefill: the shared part, system +
+visual tokens, once per image of the batch, then the questions after a copy of its KV cache) and decode steps
+(one new token per row), which is where batching can and cannot help: a batch shares each decode step's weight
+reads among its rows, and the questions about one image share one pass over its shared part, while batch 1 runs
+that part again for every question.
 
 The model is the trained one when `--vlm` names a `train_vlm` output, else a fresh one (Q-Former from BERT,
 new projector, zero-initialised LoRA: the base LLM answering about random visual tokens), which runs to the

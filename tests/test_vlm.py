@@ -229,6 +229,19 @@ def test_batched_greedy_generation_equals_one_by_one(model) -> None:
     assert batched[0] == greedy_without_cache(model, images[:1], instructions[0], steps=6)
 
 
+def test_questions_about_one_image_share_its_prompt_cache_and_answer_as_if_alone(model) -> None:
+    instructions = [instruction for instruction, _ in PAIRS]
+    images = image_embeds(2, seed=4)
+    shared = model.generate(images, instructions, max_new_tokens=6, image_index=[0, 0, 1])
+    alone = [model.generate(images[i:i + 1], [text], max_new_tokens=6)[0] for i, text in zip([0, 0, 1], instructions)]
+    assert shared == alone
+    assert shared[1] == greedy_without_cache(model, images[:1], instructions[1], steps=6)
+    beams = model.generate(images, instructions, max_new_tokens=6, num_beams=2, image_index=[0, 0, 1])
+    assert len(beams) == 3 and all(isinstance(text, str) for text in beams)
+    with pytest.raises(ValueError, match="3 instructions but 2 image indices"):
+        model.generate(images, instructions, max_new_tokens=2, image_index=[0, 1])
+
+
 def test_a_question_longer_than_the_context_is_refused_with_its_text(model) -> None:
     context = model.llm.get_base_model().config.max_position_embeddings
     question = "what color is the " + "very " * context + "big circle?"

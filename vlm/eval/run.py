@@ -25,15 +25,19 @@ def predict(model: VisionLanguageModel, embeddings: Embeddings, tasks: Sequence[
     """Generate one answer per task, in batches (left padding, KV cache).
 
     Decoding is deterministic, so tasks with the same image and instruction are decoded once: blind, where every
-    task has the same (blank) image, that is one caption and one answer per distinct question.
+    task has the same (blank) image, that is one caption and one answer per distinct question. Tasks come
+    grouped by image, so the questions about one image mostly share a batch, and with it one pass over their
+    shared prompt prefix (`VisionLanguageModel.generate`).
     """
     unique = list(dict.fromkeys((t.image_id, t.instruction) for t in tasks))
     answers: dict[tuple[str, str], str] = {}
     for start in tqdm(range(0, len(unique), config.batch_size), desc=description, unit="batch"):
         chunk = unique[start:start + config.batch_size]
-        images = gather(embeddings, [image_id for image_id, _ in chunk]).float()
-        generated = model.generate(images, [instruction for _, instruction in chunk], max_new_tokens,
-                                   config.num_beams)
+        image_ids = list(dict.fromkeys(image_id for image_id, _ in chunk))
+        position = {image_id: index for index, image_id in enumerate(image_ids)}
+        generated = model.generate(gather(embeddings, image_ids).float(), [instruction for _, instruction in chunk],
+                                   max_new_tokens, config.num_beams,
+                                   image_index=[position[image_id] for image_id, _ in chunk])
         answers.update(zip(chunk, generated))
     return [answers[(t.image_id, t.instruction)] for t in tasks]
 

@@ -209,17 +209,60 @@ class VisionLanguageModel(nn.Module):
 
     @torch.inference_mode()
     def generate(self, image_embeds: torch.Tensor, instructions: Sequence[str], max_new_tokens: int = 40,
-                 num_beams: int = 1) -> list[str]:
-        """Greedy (or beam) decoding, batched with left padding and the KV cache; stops at end-of-turn."""
+                 num_beams: int = 1, image_index: Sequence[int] | torch.Tensor | None = None) -> list[str]:
+        """Greedy (or beam) decoding, batched with left padding and the KV cache; stops at end-of-turn.
+
+        Instruction i is about image `image_index[i]` of `image_embeds` (default: image i). Greedy decoding runs
+        the shared part of the prompt (system turn + visual tokens) once per image and lets every instruction
+        about that image start from a copy of its KV cache: with several questions per image, most of the
+        prompt is that shared part.
+        """
+        if image_index is None:
+            image_index = range(len(instructions))
+        image_index = torch.as_tensor(list(image_index), dtype=torch.long, device=image_embeds.device)
+        if len(image_index) != len(instructions):
+            raise ValueError(f"{len(instructions)} instructions but {len(image_index)} image indices")
         rows = [[self.prompt.example(text)] for text in instructions]
-        embeds, layout = self.build_inputs(image_embeds, rows, left_pad=True)
-        output = self.llm.generate(
-            inputs_embeds=embeds, attention_mask=layout.attention_mask, max_new_tokens=max_new_tokens, num_beams=num_beams,
-            do_sample=False, eos_token_id=self.prompt.end_of_turn_id,
-            pad_token_id=self.pad_id,
-        )
+        self._check_context(rows, len(rows))
+        if num_beams == 1:
+            ids, mask, cache = self._shared_prefix_inputs(image_embeds, image_index, rows)
+            output = self.llm.generate(input_ids=ids, attention_mask=mask, cache=cache,
+                                       max_new_tokens=max_new_tokens, do_sample=False,
+                                       eos_token_id=self.prompt.end_of_turn_id, pad_token_id=self.pad_id)
+            output = output[:, ids.shape[1]:]
+        else:
+            embeds, layout = self.build_inputs(image_embeds[image_index], rows, left_pad=True)
+            output = self.llm.generate(
+                inputs_embeds=embeds, attention_mask=layout.attention_mask, max_new_tokens=max_new_tokens,
+                num_beams=num_beams, do_sample=False, eos_token_id=self.prompt.end_of_turn_id,
+                pad_token_id=self.pad_id,
+            )
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
+    def _shared_prefix_inputs(self, image_embeds: torch.Tensor, image_index: torch.Tensor,
+                              rows: Sequence[Sequence[Example]]) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """(ids [B, P + W], attention mask, KV cache of the P shared tokens, one copy per row) for `generate`.
+
+        Row layout: the shared part (cached: its ids are placeholders that never get embedded), left padding,
+        then the user turn. The mask skips the padding, so positions run on from the shared part exactly as in
+        a row without padding (generation derives position ids from the mask).
+        """
+        prefix_ids = torch.tensor(self.prompt.prefix_ids, device=image_embeds.device)
+        system = self.llm.get_input_embeddings()(prefix_ids)
+        visual = self.visual_tokens(image_embeds)
+        shared = torch.cat([system.to(visual.dtype).expand(len(visual), -1, -1), visual], dim=1)
+        # logits_to_keep=1: the vocabulary projection of the shared tokens would be thrown away
+        cache = self.base_llm(inputs_embeds=shared, use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_select_indices(image_index)
+        users = [turns[0].user_ids for turns in rows]
+        width, length = max(map(len, users)), shared.shape[1]
+        ids = torch.full((len(users), length + width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        mask[:, :length] = 1
+        for row, user in enumerate(users):
+            ids[row, length + width - len(user):] = torch.tensor(user)
+            mask[row, length + width - len(user):] = 1
+        return ids.to(image_embeds.device), mask.to(image_embeds.device), cache
 
 def _load_llm(llm_dir: Path):
     if not (Path(llm_dir) / "config.json").is_file():
