@@ -252,7 +252,7 @@ class VisionLanguageModel(nn.Module):
         visual = self.visual_tokens(image_embeds)
         shared = torch.cat([system.to(visual.dtype).expand(len(visual), -1, -1), visual], dim=1)
         # logits_to_keep=1: the vocabulary projection of the shared tokens would be thrown away
-        cache = self.base_llm(inputs_embeds=shared, use_cache=True, logits_to_keep=1).past_key_values
+        cache = self.base_llm(inputs_embeds=shared, use_cache=True, logits_to_keep=1).cache
         cache.batch_select_indices(image_index)
         users = [turns[0].user_ids for turns in rows]
         width, length = max(map(len, users)), shared.shape[1]
