@@ -11,6 +11,7 @@ import dataclasses
 import posixpath
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -128,9 +129,14 @@ def _check_path(key: str, path: str) -> None:
             f"dependency (put the data there with `dvc add` or `dvc import`, see {RAW_DATA_DIR}/README.md)")
 
 
-def layer_label(layer: int | tuple[int, ...]) -> str:
+def as_layers(layer: int | Sequence[int]) -> tuple[int, ...]:
+    """`backbone.layer` (one block or a list of blocks) as a tuple of blocks."""
+    return (layer,) if isinstance(layer, int) else tuple(layer)
+
+
+def layer_label(layer: int | Sequence[int]) -> str:
     """`backbone.layer` as the embeddings' metadata records it: "-5", or "-9,-5" for several blocks."""
-    return str(layer) if isinstance(layer, int) else ",".join(str(index) for index in layer)
+    return ",".join(str(index) for index in as_layers(layer))
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,7 @@ class BackboneConfig:
 
     @property
     def layers(self) -> tuple[int, ...]:
-        return (self.layer,) if isinstance(self.layer, int) else self.layer
+        return as_layers(self.layer)
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,8 @@ def _common(metadata: dict[str, str]) -> dict[str, str]:
 
 def expected_metadata(backbone: BackboneConfig) -> dict[str, object]:
     """What params say cached embeddings must have been made with: pass as `load_embeddings(..., expect=)`."""
-    return {"backbone_source": backbone.source, "image_size": backbone.image_size, "layer": layer_label(backbone.layer)}
+    return {"backbone_source": backbone.source, "image_size": backbone.image_size,
+            "layer": layer_label(backbone.layer)}
 
 
 # Metadata that says which backbone made embeddings, and how: the blank image's must agree with a split's on these.

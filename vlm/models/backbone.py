@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import MODEL_MAPPING, AutoConfig, AutoModel
 
-from vlm.config import layer_label
+from vlm.config import as_layers, layer_label
 from vlm.weights.sources import HF_PREPROCESSOR_CONFIG, OPEN_CLIP_CONFIG, SOURCE_RECORD
 
 RESIZE_METHOD = "bicubic"
@@ -103,7 +103,6 @@ class VisionBackbone(nn.Module):
         self._forward_kwargs = forward_kwargs or {}
         blocks = _num_blocks(encoder, kind)
         self.layer = layer if isinstance(layer, int) else tuple(layer)
-        self.layers = (layer,) if isinstance(layer, int) else tuple(layer)
         if not self.layers or not all(-blocks <= index <= -1 for index in self.layers):
             raise ValueError(f"backbone.layer must be between -{blocks} and -1 for {name} ({blocks} blocks; -1 = "
                              f"the last block, -2 the one before, ...), or a list of such blocks, got {layer}")
@@ -138,6 +137,11 @@ class VisionBackbone(nn.Module):
         encoder, forward_kwargs, name, mean, std = _load_hf_encoder(folder, image_size)
         return cls(encoder, kind="hf", name=name, source=source, image_size=image_size,
                    image_mean=mean, image_std=std, forward_kwargs=forward_kwargs, layer=layer)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """The blocks whose tokens `forward` returns, concatenated in this order."""
+        return as_layers(self.layer)
 
     @property
     def hidden_size(self) -> int:

@@ -223,7 +223,6 @@ class VisionLanguageModel(nn.Module):
         if len(image_index) != len(instructions):
             raise ValueError(f"{len(instructions)} instructions but {len(image_index)} image indices")
         rows = [[self.prompt.example(text)] for text in instructions]
-        self._check_context(rows, len(rows))
         if num_beams == 1:
             ids, mask, cache = self._shared_prefix_inputs(image_embeds, image_index, rows)
             output = self.llm.generate(input_ids=ids, attention_mask=mask, cache=cache,
@@ -247,6 +246,7 @@ class VisionLanguageModel(nn.Module):
         then the user turn. The mask skips the padding, so positions run on from the shared part exactly as in
         a row without padding (generation derives position ids from the mask).
         """
+        self._check_context(rows, len(rows))  # `build_inputs` checks the rows of the other path
         prefix_ids = torch.tensor(self.prompt.prefix_ids, device=image_embeds.device)
         system = self.llm.get_input_embeddings()(prefix_ids)
         visual = self.visual_tokens(image_embeds)
@@ -263,6 +263,7 @@ class VisionLanguageModel(nn.Module):
             ids[row, length + width - len(user):] = torch.tensor(user)
             mask[row, length + width - len(user):] = 1
         return ids.to(image_embeds.device), mask.to(image_embeds.device), cache
+
 
 def _load_llm(llm_dir: Path):
     if not (Path(llm_dir) / "config.json").is_file():
