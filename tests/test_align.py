@@ -73,6 +73,8 @@ def test_a_batch_without_any_caption_token_is_refused() -> None:
 def test_align_params_are_validated_with_their_names() -> None:
     with pytest.raises(ParamsError, match="train_vlm.align"):
         AlignConfig(steps=-1)
+    with pytest.raises(ParamsError, match="qformer_lr"):
+        AlignConfig(qformer_lr=-1e-4)
 
 
 def test_alignment_teaches_the_visual_tokens_to_spell_their_captions(tmp_path: Path) -> None:
@@ -98,10 +100,27 @@ def test_alignment_teaches_the_visual_tokens_to_spell_their_captions(tmp_path: P
 
     before = slot_accuracy()
     config = replace(VLMTrainConfig(precision="fp32", checkpoint_every=0, seed=0),
-                     align=AlignConfig(steps=150, batch_size=4, lr=3e-3, warmup_steps=5))
+                     align=AlignConfig(steps=150, batch_size=4, lr=3e-3, qformer_lr=3e-3, warmup_steps=5))
     metrics = align_queries(model, embeddings, dataset, config, log_dir=None)
     after = slot_accuracy()
     assert after > max(0.8, before + 0.5), (before, after)
     assert set(metrics) == {"align_loss", "align_ce", "align_distance", "align_accuracy"}
     for name, parameter in model.llm.named_parameters():  # the LLM and LoRA are not part of the alignment
         assert torch.equal(parameter, frozen_before[name]), name
+
+
+def test_alignment_with_qformer_lr_zero_trains_the_projector_alone(tmp_path: Path) -> None:
+    records = list(generate_records(seed=3, num_images=4, image_size=32, id_prefix="train"))
+    dataset = tmp_path / "train.parquet"
+    write_split(records, dataset)
+    ids = [record["image_id"] for record in records]
+    embeddings = Embeddings(ids, torch.randn(len(ids), TINY_VLM_IMAGE_TOKENS, IMAGE_WIDTH).half(), {})
+    model = tiny_vlm(tiny_vlm_folders(tmp_path))
+    qformer_before = {name: p.detach().clone() for name, p in model.qformer.named_parameters()}
+    projector_before = {name: p.detach().clone() for name, p in model.projector.named_parameters()}
+    config = replace(VLMTrainConfig(precision="fp32", checkpoint_every=0, seed=0),
+                     align=AlignConfig(steps=3, batch_size=4, lr=1e-3, qformer_lr=0.0, warmup_steps=1))
+    align_queries(model, embeddings, dataset, config, log_dir=None)
+    for name, parameter in model.qformer.named_parameters():
+        assert torch.equal(parameter, qformer_before[name]), name
+    assert any(not torch.equal(p, projector_before[n]) for n, p in model.projector.named_parameters())

@@ -110,13 +110,15 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
         visual = model.visual_tokens(images[local].to(device))
         return alignment_losses(visual.float(), slot_targets[local].to(device), embedding_matrix, vocab)
 
-    parameters = list(model.projector.parameters()) + [p for p in model.qformer.parameters() if p.requires_grad]
+    groups = [{"params": list(model.projector.parameters()), "lr": align.lr}]
+    if align.qformer_lr > 0:
+        groups.append({"params": [p for p in model.qformer.parameters() if p.requires_grad], "lr": align.qformer_lr})
     checkpointer = None
     if checkpoint_dir is not None:
         run = {"stage": "train_vlm.align", "train": asdict(loop_config), **(fingerprint or {})}
         checkpointer = Checkpointer(checkpoint_dir, config.checkpoint_every, model, run)
     batches = _batches(embeddings, targets, batch_size, config.seed)
-    final = train(parameters, step_losses, batches, align.steps, loop_config, log_dir, description="align",
+    final = train(groups, step_losses, batches, align.steps, loop_config, log_dir, description="align",
                   checkpointer=checkpointer)
     model.eval()
     return {f"align_{name}": round(value, 4) for name, value in final.items()}
