@@ -5,6 +5,7 @@ Built from a tiny random Q-Former and a tiny random Llama with a ChatML tokenize
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tiny_models import TINY_VLM_QUERIES as NUM_QUERIES
 from tiny_models import TINY_VLM_SYSTEM_PROMPT as SYSTEM
-from tiny_models import image_embeds, tiny_vlm, tiny_vlm_folders
+from tiny_models import TINY_VLM_LORA, image_embeds, tiny_vlm, tiny_vlm_folders
 from tiny_qformer import single_torch_thread  # noqa: F401 (autouse fixture)
 
 from vlm.models.prompt import IGNORE_INDEX, Example
@@ -190,6 +191,9 @@ def test_save_then_load_gives_the_same_loss(folders, model, tmp_path: Path) -> N
     assert not torch.isclose(loss, untrained_loss)  # the perturbed weights matter, so the check below can fail
 
     model.save(tmp_path / "vlm")
+    # peft writes its target-module set in hash order, which differs between processes; sorted, reruns are identical
+    adapter_config = json.loads((tmp_path / "vlm" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["target_modules"] == sorted(TINY_VLM_LORA.target_modules)
     loaded = VisionLanguageModel.load(tmp_path / "vlm")
     assert not loaded.training
     with torch.no_grad():

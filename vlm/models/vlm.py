@@ -103,6 +103,7 @@ class VisionLanguageModel(nn.Module):
             self.tokenizer.save_pretrained(folder / LLM_SUBDIR)
         else:
             self.llm.save_pretrained(folder / ADAPTER_SUBDIR)
+            _sort_target_modules(folder / ADAPTER_SUBDIR / "adapter_config.json")
             if include_llm:
                 shutil.copytree(self.llm_source, folder / LLM_SUBDIR)
         config = {"projector": self.projector.config(), "system_prompt": self.prompt.system_prompt,
@@ -263,6 +264,15 @@ class VisionLanguageModel(nn.Module):
             ids[row, length + width - len(user):] = torch.tensor(user)
             mask[row, length + width - len(user):] = 1
         return ids.to(image_embeds.device), mask.to(image_embeds.device), cache
+
+
+def _sort_target_modules(adapter_config: Path) -> None:
+    """peft keeps `target_modules` as a set and writes it in set order, which changes with Python's string hashing
+    from one process to the next; sorted, the same training writes byte-identical files (one DVC hash)."""
+    config = json.loads(adapter_config.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _load_llm(llm_dir: Path):
