@@ -123,4 +123,5 @@ def test_alignment_with_qformer_lr_zero_trains_the_projector_alone(tmp_path: Pat
     align_queries(model, embeddings, dataset, config, log_dir=None)
     for name, parameter in model.qformer.named_parameters():
         assert torch.equal(parameter, qformer_before[name]), name
+        assert parameter.grad is None, name  # not even computed: no backward through a frozen Q-Former
     assert any(not torch.equal(p, projector_before[n]) for n, p in model.projector.named_parameters())

@@ -109,13 +109,19 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
     local = distributed.local_slice(batch_size)
     model.to(device).train()
 
+    train_qformer = align.qformer_lr > 0
+
     def step_losses(batch):
         images, slot_targets = batch
-        visual = model.visual_tokens(images[local].to(device))
+        # `model.visual_tokens` in two parts, so that a frozen Q-Former runs without autograd: no backward through
+        # it, and no gradients left on it that no optimizer clears
+        with torch.set_grad_enabled(train_qformer):
+            queries = model.qformer.encode_image(images[local].to(device))
+        visual = model.projector(queries)
         return alignment_losses(visual.float(), slot_targets[local].to(device), embedding_matrix, vocab)
 
     groups = [{"params": list(model.projector.parameters()), "lr": align.lr}]
-    if align.qformer_lr > 0:
+    if train_qformer:
         groups.append({"params": [p for p in model.qformer.parameters() if p.requires_grad], "lr": align.qformer_lr})
     checkpointer = None
     if checkpoint_dir is not None:
