@@ -185,3 +185,15 @@ def test_a_zero_qformer_lr_freezes_the_qformer_and_trains_the_rest(work) -> None
     assert not any(p.requires_grad for p in model.qformer.parameters())
     counts = model.trainable_parameter_counts()
     assert counts["trainable_qformer"] == 0 and counts["trainable_projector"] > 0 and counts["trainable_lora"] > 0
+
+
+def test_new_lr_trains_the_parts_bert_lacks_at_their_own_rate(work) -> None:
+    # Pretrained parts at a negligible rate in both runs; the new parts (cross-attention, queries, heads) fast in one.
+    fast, _ = run_qformer(work, None, lr=1e-9, new_lr=1e-2)
+    slow, _ = run_qformer(work, None, lr=1e-9, new_lr=1e-9)
+    new = {id(p) for p in fast.new_parameters()}
+    slow_parameters = dict(slow.named_parameters())
+    change = {name: float((p - slow_parameters[name]).abs().max()) for name, p in fast.named_parameters()}
+    moved_new = max(change[name] for name, p in fast.named_parameters() if id(p) in new)
+    moved_pretrained = max(change[name] for name, p in fast.named_parameters() if id(p) not in new)
+    assert moved_new > 1e-3 and moved_pretrained < 1e-6, (moved_new, moved_pretrained)

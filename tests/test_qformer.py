@@ -76,6 +76,22 @@ def test_lm_head_and_prefixed_keys_load_from_pretraining_checkpoint(tmp_path):
     torch.testing.assert_close(actual[..., :vocab], expected, atol=1e-4, rtol=1e-4)
 
 
+def test_new_parameters_are_exactly_those_bert_does_not_initialise(tmp_path):
+    write_tiny_bert(tmp_path)
+    torch.manual_seed(0)
+    first = _from_bert(tmp_path)
+    torch.manual_seed(1)
+    second = dict(_from_bert(tmp_path).named_parameters())
+    new = {id(p) for p in first.new_parameters()}
+    for name, parameter in first.named_parameters():
+        from_seed = not torch.equal(parameter, second[name])  # random init differs between seeds; copies do not
+        if from_seed:
+            assert id(parameter) in new, f"{name} is freshly initialised but not among the new parameters"
+        elif id(parameter) in new:
+            assert parameter.dim() < 2, f"{name} is copied from BERT but counted as new"
+    assert any(".cross_attention." in name for name, p in first.named_parameters() if id(p) in new)
+
+
 def test_dec_token_is_added_as_a_copy_of_cls(qformer):
     tokenizer = qformer.tokenizer
     dec = qformer.config.dec_token_id

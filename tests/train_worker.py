@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from vlm import distributed
-from vlm.config import LLMConfig, LoraConfig, QFormerConfig, QFormerLossWeights, TrainConfig, VLMTrainConfig
+from vlm.config import LLMConfig, LoraConfig, QFormerConfig, QFormerLossWeights, QFormerTrainConfig, VLMTrainConfig
 from vlm.data.embeddings import Embeddings
 from vlm.losses import stage1_losses
 from vlm.models.qformer import QFormer
@@ -35,13 +35,15 @@ def tiny_embeddings(dataset: Path) -> Embeddings:
     return Embeddings(image_ids, tokens, {})
 
 
-def run_qformer(work: Path, log_dir: Path, checkpoint_dir: Path | None = None, checkpoint_every: int = 0):
+def run_qformer(work: Path, log_dir: Path | None, checkpoint_dir: Path | None = None, checkpoint_every: int = 0,
+                lr: float = 1e-3, new_lr: float | None = None):
     dataset = work / "dataset.parquet"
     # ITC + ITG: ITM's hard negatives are drawn per rank, so it cannot match one process draw for draw.
     config = QFormerConfig(num_queries=4, cross_attention_freq=1, embed_dim=16, max_text_len=16,
                            losses=QFormerLossWeights(itc=1.0, itm=0.0, itg=1.0))
-    train = TrainConfig(epochs=STEPS * GLOBAL_BATCH / len(caption_table(dataset)[0]), batch_size=GLOBAL_BATCH,
-                        lr=1e-3, warmup_steps=1, precision="fp32", log_every=1, checkpoint_every=checkpoint_every)
+    train = QFormerTrainConfig(epochs=STEPS * GLOBAL_BATCH / len(caption_table(dataset)[0]), batch_size=GLOBAL_BATCH,
+                               lr=lr, new_lr=new_lr, warmup_steps=1, precision="fp32", log_every=1,
+                               checkpoint_every=checkpoint_every)
     return train_qformer(work / "bert", tiny_embeddings(dataset), dataset, config, train, log_dir, checkpoint_dir)
 
 

@@ -215,6 +215,18 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class QFormerTrainConfig(TrainConfig):
+    """Stage 1. `lr` is the rate of the parts initialised from BERT (self-attention, feed-forward, embeddings);
+    `new_lr` that of the parts BERT does not have (cross-attention, query tokens, ITC/ITM/ITG heads); null = lr."""
+
+    new_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.new_lr is not None and self.new_lr <= 0:
+            raise ParamsError(f"param train_qformer.new_lr must be > 0 (or null: the same as lr), got {self.new_lr}")
+
+
+@dataclass(frozen=True)
 class AlignConfig:
     """Query alignment before stage 2 (vlm/train/align.py): visual tokens learn to spell the first caption."""
 
@@ -267,7 +279,7 @@ class Params:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
-    train_qformer: TrainConfig = field(default_factory=TrainConfig)
+    train_qformer: QFormerTrainConfig = field(default_factory=QFormerTrainConfig)
     train_vlm: VLMTrainConfig = field(default_factory=VLMTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

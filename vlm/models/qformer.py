@@ -43,6 +43,9 @@ WEIGHTS_FILE = "model.safetensors"
 DEC_TOKEN = "[DEC]"
 INIT_STD = 0.02
 TEMPERATURE_INIT = 0.07
+# Top-level parts BERT has no weights for (besides every layer's cross-attention): stage 1 may train them faster.
+# The LM head counts as new: a plain BertModel checkpoint (the bundled MiniLM) has none.
+NEW_PARTS = ("query_tokens", "vision_proj", "text_proj", "itm_head", "temp", "lm_transform", "lm_bias")
 TEMPERATURE_RANGE = (0.001, 0.5)
 WORD_KEY = "embeddings.word_embeddings.weight"
 POSITION_KEY = "embeddings.position_embeddings.weight"
@@ -328,6 +331,11 @@ class QFormer(nn.Module):
     def text_features(self, text_hidden: torch.Tensor) -> torch.Tensor:
         """ITC text feature: the [CLS] output projected and L2-normalised -> [B, embed_dim]."""
         return F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1)
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters BERT has no counterpart for (`NEW_PARTS`); `from_bert` initialises them fresh."""
+        return [p for name, p in self.named_parameters()
+                if p.requires_grad and (name.split(".")[0] in NEW_PARTS or ".cross_attention." in name)]
 
     def itm_logits(self, query_hidden: torch.Tensor) -> torch.Tensor:
         """Match / no-match logits [B, 2] (index 1 = match) from the query outputs averaged over queries."""

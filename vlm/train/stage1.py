@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from vlm import distributed
-from vlm.config import QFormerConfig, TrainConfig
+from vlm.config import QFormerConfig, QFormerTrainConfig
 from vlm.data.dataset_io import read_split
 from vlm.data.embeddings import Embeddings, available, gather
 from vlm.losses import stage1_losses
@@ -54,7 +54,7 @@ def caption_batches(embeddings: Embeddings, image_ids: list[str], captions: list
 
 
 def train_qformer(bert_dir: Path, embeddings: Embeddings, dataset_path: Path, qformer_config: QFormerConfig,
-                  train_config: TrainConfig, log_dir: Path | None, checkpoint_dir: Path | None = None
+                  train_config: QFormerTrainConfig, log_dir: Path | None, checkpoint_dir: Path | None = None
                   ) -> tuple[QFormer, dict[str, float]]:
     """Train a Q-Former from `bert_dir`. Under torchrun each rank takes its share of every global batch and ITC
     contrasts against the gathered global batch. With `checkpoint_dir`, a killed run resumes where it stopped."""
@@ -83,6 +83,11 @@ def train_qformer(bert_dir: Path, embeddings: Embeddings, dataset_path: Path, qf
 
     qformer.train()
     parameters = [p for p in qformer.parameters() if p.requires_grad]
+    if train_config.new_lr is not None:  # the parts BERT lacks train at their own rate
+        new = qformer.new_parameters()
+        new_ids = {id(p) for p in new}
+        parameters = [{"params": [p for p in parameters if id(p) not in new_ids], "lr": train_config.lr},
+                      {"params": new, "lr": train_config.new_lr}]
     checkpointer = None
     if checkpoint_dir is not None:
         fingerprint = {"stage": "train_qformer", "qformer": asdict(qformer_config), "train": asdict(train_config),
