@@ -16,7 +16,7 @@ from vlm.data.dataset_io import write_split
 from vlm.data.embeddings import Embeddings, gather
 from vlm.data.synthetic import generate_records
 from vlm.models.prompt import IGNORE_INDEX
-from vlm.train.align import align_queries, alignment_losses, caption_targets, first_captions
+from vlm.train.align import align_queries, alignment_losses, caption_targets, reference_captions
 
 
 def test_caption_targets_truncate_to_the_slots_and_leave_the_rest_free() -> None:
@@ -75,6 +75,8 @@ def test_align_params_are_validated_with_their_names() -> None:
         AlignConfig(steps=-1)
     with pytest.raises(ParamsError, match="qformer_lr"):
         AlignConfig(qformer_lr=-1e-4)
+    with pytest.raises(ParamsError, match="train_vlm.align.caption"):
+        AlignConfig(caption=-1)
 
 
 def test_alignment_teaches_the_visual_tokens_to_spell_their_captions(tmp_path: Path) -> None:
@@ -90,7 +92,7 @@ def test_alignment_teaches_the_visual_tokens_to_spell_their_captions(tmp_path: P
     frozen_before = {name: p.detach().clone() for name, p in model.llm.named_parameters()}
 
     def slot_accuracy() -> float:
-        targets = caption_targets(model.tokenizer, first_captions(dataset), model.qformer.config.num_queries)
+        targets = caption_targets(model.tokenizer, reference_captions(dataset), model.qformer.config.num_queries)
         target = torch.tensor([targets[i] for i in ids])
         matrix = model.llm.get_input_embeddings().weight
         with torch.no_grad():
@@ -125,3 +127,13 @@ def test_alignment_with_qformer_lr_zero_trains_the_projector_alone(tmp_path: Pat
         assert torch.equal(parameter, qformer_before[name]), name
         assert parameter.grad is None, name  # not even computed: no backward through a frozen Q-Former
     assert any(not torch.equal(p, projector_before[n]) for n, p in model.projector.named_parameters())
+
+
+def test_reference_captions_picks_the_asked_caption_or_the_last(tmp_path: Path) -> None:
+    records = list(generate_records(seed=3, num_images=3, image_size=32, id_prefix="train"))
+    records[1]["captions"] = records[1]["captions"][:1]  # an image with a single caption
+    records[2]["captions"] = []  # and one without (e.g. a VQA-only import): left out
+    write_split(records, tmp_path / "train.parquet")
+    second = reference_captions(tmp_path / "train.parquet", 1)
+    assert second == {"train-000000": records[0]["captions"][1], "train-000001": records[1]["captions"][0]}
+    assert reference_captions(tmp_path / "train.parquet")["train-000000"] == records[0]["captions"][0]

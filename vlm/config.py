@@ -228,9 +228,10 @@ class QFormerTrainConfig(TrainConfig):
 
 @dataclass(frozen=True)
 class AlignConfig:
-    """Query alignment before stage 2 (vlm/train/align.py): visual tokens learn to spell the first caption."""
+    """Query alignment before stage 2 (vlm/train/align.py): visual tokens learn to spell a reference caption."""
 
     steps: int = 200  # 0 skips it
+    caption: int = 0  # which of an image's reference captions to spell (0 = the first; fewer captions: the last)
     batch_size: int = 32
     lr: float = 1e-3  # the projector's (new)
     # The Q-Former image path's (pretrained in stage 1; 0 freezes it). Measured: at 1e-3 it never left the slot
@@ -239,6 +240,9 @@ class AlignConfig:
     warmup_steps: int = 10
 
     def __post_init__(self) -> None:
+        if self.caption < 0:
+            raise ParamsError(f"param train_vlm.align.caption must be >= 0 (0 = each image's first reference "
+                              f"caption), got {self.caption}")
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.qformer_lr < 0:
             raise ParamsError(f"params train_vlm.align: steps must be >= 0 (0 skips alignment), batch_size >= 1, "
                               f"lr > 0 and qformer_lr >= 0 (0 freezes the Q-Former); got steps={self.steps}, "

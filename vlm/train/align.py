@@ -4,7 +4,7 @@ Stage 1 leaves the Q-Former's queries nearly identical to one another (on the de
 query outputs of an image fell from 0.54 at initialisation to 0.006), so the LLM receives one vector repeated,
 and stage 2 is far too short on a CPU to undo that through the LLM. Here the Q-Former and the new projector
 train, with no LLM pass at all, so that visual token k, read through the LLM's input embedding matrix E, is the
-k-th token of the image's first reference caption:
+k-th token of one of the image's reference captions (`align.caption`):
 
     loss = cross-entropy(v_k @ E_vocab^T, caption token k)  +  |v_k - E[caption token k]|^2 / |E[caption token k]|^2
 
@@ -69,10 +69,11 @@ def alignment_losses(visual: torch.Tensor, targets: torch.Tensor, embedding_matr
     return {"loss": ce + distance, "ce": ce, "distance": distance, "accuracy": accuracy.detach()}
 
 
-def first_captions(dataset_path: Path) -> dict[str, str]:
-    """image id -> its first reference caption (images without captions, e.g. VQA-only imports, are left out)."""
+def reference_captions(dataset_path: Path, index: int = 0) -> dict[str, str]:
+    """image id -> its reference caption number `index` (its last if it has fewer); images without captions,
+    e.g. VQA-only imports, are left out."""
     rows = read_split(dataset_path, columns=["image_id", "captions"]).to_pylist()
-    return {row["image_id"]: row["captions"][0] for row in rows if row["captions"]}
+    return {row["image_id"]: row["captions"][min(index, len(row["captions"]) - 1)] for row in rows if row["captions"]}
 
 
 def _batches(embeddings: Embeddings, targets: dict[str, list[int]], batch_size: int, seed: int
@@ -96,7 +97,7 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
     Returns the final (smoothed) losses and slot accuracy, prefixed `align_`."""
     align = config.align
     loop_config = replace(config, lr=align.lr, batch_size=align.batch_size, warmup_steps=align.warmup_steps)
-    captions = first_captions(dataset_path)
+    captions = reference_captions(dataset_path, align.caption)
     captions = {i: captions[i] for i in available(embeddings, captions)}
     if not captions:
         raise ValueError(f"train_vlm.align: no training image of {dataset_path} has both a caption and an "
