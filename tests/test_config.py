@@ -34,6 +34,16 @@ def test_repository_params_load_into_typed_sections() -> None:
     assert isinstance(params.train_qformer.epochs, float)
 
 
+def test_the_code_defaults_are_the_documented_params(tmp_path: Path) -> None:
+    # A key left out of params.yaml (or a config built in Python) must mean what params.yaml says.
+    assert Params() == load_params(REPO_PARAMS)
+    raw = yaml.safe_load(REPO_PARAMS.read_text())
+    del raw["train_vlm"]["qformer_lr"], raw["backbone"]["layer"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_params(path) == load_params(REPO_PARAMS)
+
+
 def test_unknown_key_names_the_dotted_key_and_lists_allowed_keys(tmp_path: Path) -> None:
     path = write_params(tmp_path, {"train_vlm": {"learning_rate": 1e-3}})
     with pytest.raises(ParamsError) as error:

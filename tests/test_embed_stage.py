@@ -10,6 +10,7 @@ import os
 import runpy
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -211,13 +212,15 @@ def test_embeddings_from_another_backbone_or_size_are_refused(backbone: VisionBa
     dataset, out = tmp_path / "train.parquet", tmp_path / "emb"
     write_split(records(count=2), dataset)
     embed(backbone, dataset, out)
-    params = BackboneConfig(source=backbone.source, image_size=VISION_IMAGE_SIZE)
+    params = BackboneConfig(source=backbone.source, image_size=VISION_IMAGE_SIZE, layer=-1)  # what embed() made
     assert load_embeddings(out, expect=expected_metadata(params)).image_ids
     with pytest.raises(EmbeddingStoreError, match=r"shard-00000\.parquet: made with image_size='56' but params "
-                                                  r"say '224'.*dvc repro embed"):
-        load_embeddings(out, expect=expected_metadata(BackboneConfig(source=backbone.source)))
+                                                  r"say '112'.*dvc repro embed"):
+        load_embeddings(out, expect=expected_metadata(replace(params, image_size=112)))
     with pytest.raises(EmbeddingStoreError, match="backbone_source=.* but params say 'bundled'"):
-        load_embeddings(out, expect=expected_metadata(BackboneConfig(image_size=VISION_IMAGE_SIZE)))
+        load_embeddings(out, expect=expected_metadata(replace(params, source="bundled")))
+    with pytest.raises(EmbeddingStoreError, match="made with layer='-1' but params say '-9,-5'"):
+        load_embeddings(out, expect=expected_metadata(replace(params, layer=(-9, -5))))
 
 
 WORKER = """
@@ -275,7 +278,7 @@ def test_stage_writes_shard_directories_and_counts(vision_folder: Path, tmp_path
     (tmp_path / "data" / "embeddings" / "train.parquet").write_bytes(b"a single-file store of an older run")
     params = {"data": {"skip_bad_images": True},
               "backbone": {"source": str(vision_folder), "image_size": VISION_IMAGE_SIZE, "batch_size": 2,
-                           "precision": "fp32"}}
+                           "precision": "fp32", "layer": -1}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
 

