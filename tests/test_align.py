@@ -122,11 +122,32 @@ def test_alignment_with_qformer_lr_zero_trains_the_projector_alone(tmp_path: Pat
     projector_before = {name: p.detach().clone() for name, p in model.projector.named_parameters()}
     config = replace(VLMTrainConfig(precision="fp32", checkpoint_every=0, seed=0),
                      align=AlignConfig(steps=3, batch_size=4, lr=1e-3, qformer_lr=0.0, warmup_steps=1))
+    modes = []  # the Q-Former's training flag at each step: a frozen Q-Former runs without dropout
+    model.qformer.layers[0].register_forward_hook(lambda module, args, output: modes.append(module.training))
     align_queries(model, embeddings, dataset, config, log_dir=None)
+    assert len(modes) == 3 and not any(modes)
     for name, parameter in model.qformer.named_parameters():
         assert torch.equal(parameter, qformer_before[name]), name
         assert parameter.grad is None, name  # not even computed: no backward through a frozen Q-Former
     assert any(not torch.equal(p, projector_before[n]) for n, p in model.projector.named_parameters())
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_align_dropout_switches_the_qformers_dropout_and_it_trains_either_way(tmp_path: Path, dropout: bool) -> None:
+    records = list(generate_records(seed=3, num_images=4, image_size=32, id_prefix="train"))
+    dataset = tmp_path / "train.parquet"
+    write_split(records, dataset)
+    ids = [record["image_id"] for record in records]
+    embeddings = Embeddings(ids, torch.randn(len(ids), TINY_VLM_IMAGE_TOKENS, IMAGE_WIDTH).half(), {})
+    model = tiny_vlm(tiny_vlm_folders(tmp_path))
+    before = {name: p.detach().clone() for name, p in model.qformer.named_parameters()}
+    modes = []
+    model.qformer.layers[0].register_forward_hook(lambda module, args, output: modes.append(module.training))
+    config = replace(VLMTrainConfig(precision="fp32", checkpoint_every=0, seed=0),
+                     align=AlignConfig(steps=2, batch_size=4, qformer_lr=1e-3, warmup_steps=1, dropout=dropout))
+    align_queries(model, embeddings, dataset, config, log_dir=None)
+    assert modes == [dropout, dropout]  # training mode is what turns dropout on
+    assert any(not torch.equal(p, before[name]) for name, p in model.qformer.named_parameters())
 
 
 def test_reference_captions_picks_the_asked_caption_or_the_last(tmp_path: Path) -> None:

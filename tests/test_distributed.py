@@ -179,9 +179,15 @@ def test_a_zero_qformer_lr_freezes_the_qformer_and_trains_the_rest(work) -> None
     import train_worker
 
     before = QFormer.load(work / "qformer").state_dict()
-    model, _ = train_worker.run_vlm(work, None, qformer_lr=0.0)
+    modes = []  # whether the Q-Former ran in training mode (dropout on), at each stage-2 step
+
+    def record_mode(model) -> None:
+        model.qformer.layers[0].register_forward_hook(lambda module, args, output: modes.append(module.training))
+
+    model, _ = train_worker.run_vlm(work, None, qformer_lr=0.0, before_training=record_mode)
     after = model.qformer.state_dict()
     assert all(torch.equal(before[name], after[name].cpu()) for name in before)
+    assert modes and not any(modes), "a frozen Q-Former must run in eval mode (no dropout) in stage 2"
     assert not any(p.requires_grad for p in model.qformer.parameters())
     counts = model.trainable_parameter_counts()
     assert counts["trainable_qformer"] == 0 and counts["trainable_projector"] > 0 and counts["trainable_lora"] > 0

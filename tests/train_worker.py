@@ -48,11 +48,14 @@ def run_qformer(work: Path, log_dir: Path | None, checkpoint_dir: Path | None = 
 
 
 def run_vlm(work: Path, log_dir: Path | None, checkpoint_dir: Path | None = None, checkpoint_every: int = 0,
-            qformer_lr: float = 1e-3):
+            qformer_lr: float = 1e-3, before_training=None):
+    """`before_training(model)`, if given, runs on the fresh model (e.g. to hook into it)."""
     dataset = work / "dataset.parquet"
     torch.manual_seed(0)
     model = VisionLanguageModel.create(work / "qformer", work / "llm", projector_hidden=16, lora=LORA,
                                        system_prompt="Answer about the image.")
+    if before_training is not None:
+        before_training(model)
     train = VLMTrainConfig(epochs=STEPS * GLOBAL_BATCH / len(caption_table(dataset)[0]), batch_size=GLOBAL_BATCH,
                            lr=1e-3, projector_lr=1e-3, qformer_lr=qformer_lr, warmup_steps=1, precision="fp32",
                            log_every=1, checkpoint_every=checkpoint_every)
