@@ -18,7 +18,7 @@ from train_worker import run_qformer, run_vlm
 from vlm import distributed
 from vlm.data.dataset_io import write_split
 from vlm.data.synthetic import generate_records
-from vlm.models.qformer import QFormer
+from vlm.models.qformer import QFormer, QFormerLayer
 from vlm.models.vlm import VisionLanguageModel
 from vlm.train import stage1
 from vlm.train.loop import NonFiniteLossError
@@ -191,6 +191,22 @@ def test_a_zero_qformer_lr_freezes_the_qformer_and_trains_the_rest(work) -> None
     assert not any(p.requires_grad for p in model.qformer.parameters())
     counts = model.trainable_parameter_counts()
     assert counts["trainable_qformer"] == 0 and counts["trainable_projector"] > 0 and counts["trainable_lora"] > 0
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_stage1_dropout_decides_whether_the_qformer_trains_in_training_mode(work, dropout: bool) -> None:
+    modes = []  # the `training` flag of every Q-Former layer call (training mode is what turns dropout on)
+
+    def record(module, args, output) -> None:
+        if isinstance(module, QFormerLayer):
+            modes.append(module.training)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        run_qformer(work, None, dropout=dropout)
+    finally:
+        handle.remove()
+    assert modes and set(modes) == {dropout}
 
 
 def test_new_lr_trains_the_parts_bert_lacks_at_their_own_rate(work) -> None:

@@ -36,14 +36,14 @@ def tiny_embeddings(dataset: Path) -> Embeddings:
 
 
 def run_qformer(work: Path, log_dir: Path | None, checkpoint_dir: Path | None = None, checkpoint_every: int = 0,
-                lr: float = 1e-3, new_lr: float | None = None):
+                lr: float = 1e-3, new_lr: float | None = None, dropout: bool = False):
     dataset = work / "dataset.parquet"
     # ITC + ITG: ITM's hard negatives are drawn per rank, so it cannot match one process draw for draw.
     config = QFormerConfig(num_queries=4, cross_attention_freq=1, embed_dim=16, max_text_len=16,
                            losses=QFormerLossWeights(itc=1.0, itm=0.0, itg=1.0))
     train = QFormerTrainConfig(epochs=STEPS * GLOBAL_BATCH / len(caption_table(dataset)[0]), batch_size=GLOBAL_BATCH,
                                lr=lr, new_lr=new_lr, warmup_steps=1, precision="fp32", log_every=1,
-                               checkpoint_every=checkpoint_every)
+                               checkpoint_every=checkpoint_every, dropout=dropout)
     return train_qformer(work / "bert", tiny_embeddings(dataset), dataset, config, train, log_dir, checkpoint_dir)
 
 

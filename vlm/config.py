@@ -240,6 +240,8 @@ class QFormerTrainConfig(TrainConfig):
     weight_decay: float = 0.05
     warmup_steps: int = 10
     log_every: int = 5
+    # BERT's dropout (0.1) in the Q-Former. Off by default: a CPU-length stage 1 underfits (README, "Dropout").
+    dropout: bool = False
 
     def __post_init__(self) -> None:
         if self.new_lr is not None and self.new_lr <= 0:

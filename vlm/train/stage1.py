@@ -81,7 +81,8 @@ def train_qformer(bert_dir: Path, embeddings: Embeddings, dataset_path: Path, qf
         return stage1_losses(qformer, images, ids, mask, rows, weights, generator=generator,
                              gather_fn=distributed.all_gather_with_grad)
 
-    qformer.train()
+    # Dropout only with `dropout: true`: eval mode turns it off and changes nothing else (LayerNorm only).
+    qformer.train(train_config.dropout)
     parameters = [p for p in qformer.parameters() if p.requires_grad]
     if train_config.new_lr is not None:  # the parts BERT lacks train at their own rate
         new = qformer.new_parameters()
