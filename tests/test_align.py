@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import IMAGE_WIDTH, TINY_VLM_IMAGE_TOKENS, tiny_llm_tokenizer, tiny_vlm, tiny_vlm_folders
+from tiny_models import (IMAGE_WIDTH, TINY_VLM_IMAGE_TOKENS, tiny_llm_tokenizer, tiny_vlm, tiny_vlm_folders,
+                         training_modes)
 from tiny_qformer import single_torch_thread  # noqa: F401 (autouse fixture)
 
 from vlm.config import AlignConfig, ParamsError, VLMTrainConfig
@@ -79,16 +80,20 @@ def test_align_params_are_validated_with_their_names() -> None:
         AlignConfig(caption=-1)
 
 
-def test_alignment_teaches_the_visual_tokens_to_spell_their_captions(tmp_path: Path) -> None:
-    """On a tiny VLM, a few hundred steps must make each image's visual tokens decode to its caption's tokens
-    through the LLM's embedding matrix far better than before; LoRA and the LLM stay untouched."""
+def tiny_alignment_setup(tmp_path: Path) -> tuple[Path, list[str], Embeddings, object]:
+    """(dataset of four training images, their ids, fixed random embeddings of them, a tiny VLM)."""
     records = list(generate_records(seed=3, num_images=4, image_size=32, id_prefix="train"))
     dataset = tmp_path / "train.parquet"
     write_split(records, dataset)
     ids = [record["image_id"] for record in records]
     images = torch.randn(len(ids), TINY_VLM_IMAGE_TOKENS, IMAGE_WIDTH, generator=torch.Generator().manual_seed(0))
-    embeddings = Embeddings(ids, images.half(), {})
-    model = tiny_vlm(tiny_vlm_folders(tmp_path))
+    return dataset, ids, Embeddings(ids, images.half(), {}), tiny_vlm(tiny_vlm_folders(tmp_path))
+
+
+def test_alignment_teaches_the_visual_tokens_to_spell_their_captions(tmp_path: Path) -> None:
+    """On a tiny VLM, a few hundred steps must make each image's visual tokens decode to its caption's tokens
+    through the LLM's embedding matrix far better than before; LoRA and the LLM stay untouched."""
+    dataset, ids, embeddings, model = tiny_alignment_setup(tmp_path)
     frozen_before = {name: p.detach().clone() for name, p in model.llm.named_parameters()}
 
     def slot_accuracy() -> float:
@@ -112,18 +117,12 @@ def test_alignment_teaches_the_visual_tokens_to_spell_their_captions(tmp_path: P
 
 
 def test_alignment_with_qformer_lr_zero_trains_the_projector_alone(tmp_path: Path) -> None:
-    records = list(generate_records(seed=3, num_images=4, image_size=32, id_prefix="train"))
-    dataset = tmp_path / "train.parquet"
-    write_split(records, dataset)
-    ids = [record["image_id"] for record in records]
-    embeddings = Embeddings(ids, torch.randn(len(ids), TINY_VLM_IMAGE_TOKENS, IMAGE_WIDTH).half(), {})
-    model = tiny_vlm(tiny_vlm_folders(tmp_path))
+    dataset, _, embeddings, model = tiny_alignment_setup(tmp_path)
     qformer_before = {name: p.detach().clone() for name, p in model.qformer.named_parameters()}
     projector_before = {name: p.detach().clone() for name, p in model.projector.named_parameters()}
     config = replace(VLMTrainConfig(precision="fp32", checkpoint_every=0, seed=0),
                      align=AlignConfig(steps=3, batch_size=4, lr=1e-3, qformer_lr=0.0, warmup_steps=1))
-    modes = []  # the Q-Former's training flag at each step: a frozen Q-Former runs without dropout
-    model.qformer.layers[0].register_forward_hook(lambda module, args, output: modes.append(module.training))
+    modes = training_modes(model.qformer)  # a frozen Q-Former runs without dropout
     align_queries(model, embeddings, dataset, config, log_dir=None)
     assert len(modes) == 3 and not any(modes)
     for name, parameter in model.qformer.named_parameters():
@@ -134,15 +133,9 @@ def test_alignment_with_qformer_lr_zero_trains_the_projector_alone(tmp_path: Pat
 
 @pytest.mark.parametrize("dropout", [False, True])
 def test_align_dropout_switches_the_qformers_dropout_and_it_trains_either_way(tmp_path: Path, dropout: bool) -> None:
-    records = list(generate_records(seed=3, num_images=4, image_size=32, id_prefix="train"))
-    dataset = tmp_path / "train.parquet"
-    write_split(records, dataset)
-    ids = [record["image_id"] for record in records]
-    embeddings = Embeddings(ids, torch.randn(len(ids), TINY_VLM_IMAGE_TOKENS, IMAGE_WIDTH).half(), {})
-    model = tiny_vlm(tiny_vlm_folders(tmp_path))
+    dataset, _, embeddings, model = tiny_alignment_setup(tmp_path)
     before = {name: p.detach().clone() for name, p in model.qformer.named_parameters()}
-    modes = []
-    model.qformer.layers[0].register_forward_hook(lambda module, args, output: modes.append(module.training))
+    modes = training_modes(model.qformer)
     config = replace(VLMTrainConfig(precision="fp32", checkpoint_every=0, seed=0),
                      align=AlignConfig(steps=2, batch_size=4, qformer_lr=1e-3, warmup_steps=1, dropout=dropout))
     align_queries(model, embeddings, dataset, config, log_dir=None)

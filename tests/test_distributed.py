@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_llm
+from tiny_models import tiny_llm, training_modes
 from tiny_qformer import single_torch_thread, tiny_qformer  # noqa: F401 (autouse fixture)
 from train_worker import run_qformer, run_vlm
 
@@ -179,12 +179,10 @@ def test_a_zero_qformer_lr_freezes_the_qformer_and_trains_the_rest(work) -> None
     import train_worker
 
     before = QFormer.load(work / "qformer").state_dict()
-    modes = []  # whether the Q-Former ran in training mode (dropout on), at each stage-2 step
-
-    def record_mode(model) -> None:
-        model.qformer.layers[0].register_forward_hook(lambda module, args, output: modes.append(module.training))
-
-    model, _ = train_worker.run_vlm(work, None, qformer_lr=0.0, before_training=record_mode)
+    recorded = {}  # "modes": whether the Q-Former ran in training mode (dropout on), at each stage-2 step
+    model, _ = train_worker.run_vlm(work, None, qformer_lr=0.0,
+                                    before_training=lambda model: recorded.update(modes=training_modes(model.qformer)))
+    modes = recorded["modes"]
     after = model.qformer.state_dict()
     assert all(torch.equal(before[name], after[name].cpu()) for name in before)
     assert modes and not any(modes), "a frozen Q-Former must run in eval mode (no dropout) in stage 2"

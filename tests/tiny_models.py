@@ -125,3 +125,10 @@ def tiny_vlm(folders: tuple[Path, Path], perturb_seed: int | None = None) -> Vis
 def image_embeds(batch: int, seed: int = 0) -> torch.Tensor:
     """Random cached-embedding stand-ins for `tiny_vlm`: [batch, TINY_VLM_IMAGE_TOKENS, IMAGE_WIDTH]."""
     return torch.randn(batch, TINY_VLM_IMAGE_TOKENS, IMAGE_WIDTH, generator=torch.Generator().manual_seed(seed))
+
+
+def training_modes(qformer: torch.nn.Module) -> list[bool]:
+    """A list that fills with the Q-Former's `training` flag (what turns its dropout on) at each later pass."""
+    modes: list[bool] = []
+    qformer.layers[0].register_forward_hook(lambda module, args, output: modes.append(module.training))
+    return modes
