@@ -58,6 +58,11 @@ def pooled_features(backbone, images: list[Image.Image], batch_size: int = 32) -
 
 def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, train: int, multilabel: bool) -> float:
     """Held-out accuracy of an L2-regularised logistic regression (LBFGS) on standardised features."""
+    return round(float(held_out_right(features, labels, train, multilabel).float().mean()), 3)
+
+
+def held_out_right(features: torch.Tensor, labels: torch.Tensor, train: int, multilabel: bool) -> torch.Tensor:
+    """[N - train] bool: whether the probe fit on the first `train` rows gets each later row right."""
     mean, std = features[:train].mean(0), features[:train].std(0) + 1e-5
     x = (features - mean) / std
     outputs = labels.shape[1] if multilabel else int(labels.max()) + 1
@@ -76,8 +81,7 @@ def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, train: int, mul
     optimizer.step(closure)
     with torch.no_grad():
         logits = x[train:] @ weight + bias
-        right = ((logits > 0).float() == labels[train:]).all(1) if multilabel else logits.argmax(1) == labels[train:]
-    return round(float(right.float().mean()), 3)
+        return ((logits > 0).float() == labels[train:]).all(1) if multilabel else logits.argmax(1) == labels[train:]
 
 
 def probe(vision_folder: Path, dataset: Path, layers: list[Layer], images: int, image_size: int = IMAGE_SIZE

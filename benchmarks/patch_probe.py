@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.layer_probe import probe_accuracy
+from benchmarks.layer_probe import held_out_right
 from vlm.data.dataset_io import read_split
 from vlm.data.embeddings import gather, load_embeddings
 from vlm.data.synthetic import BACKGROUND, COLORS
@@ -66,11 +66,11 @@ def probe(dataset: Path, embeddings_dir: Path, images: int) -> dict[str, float]:
     features = tokens[:, 1:].reshape(-1, tokens.shape[-1])  # one row per patch, images in order
     train = int(0.75 * len(rows)) * grid * grid
     flat = labels.reshape(-1)
-    objects = torch.cat([torch.arange(train), train + torch.nonzero(flat[train:] > 0).squeeze(1)])  # fit rows first
-    return {"patches": len(flat) - train, "object_share": round(float((flat[train:] > 0).float().mean()), 3),
-            "all_patches": probe_accuracy(features, flat, train, multilabel=False),
-            # the same fit (on every training patch), scored on the held-out object patches alone
-            "object_patches": probe_accuracy(features[objects], flat[objects], train, multilabel=False)}
+    right = held_out_right(features, flat, train, multilabel=False)  # one fit, on every training patch
+    on_object = flat[train:] > 0
+    return {"patches": len(flat) - train, "object_share": round(float(on_object.float().mean()), 3),
+            "all_patches": round(float(right.float().mean()), 3),
+            "object_patches": round(float(right[on_object].float().mean()), 3)}
 
 
 def main(argv: list[str]) -> None:
