@@ -218,6 +218,7 @@ class VisionLanguageModel(nn.Module):
         about that image start from a copy of its KV cache: with several questions per image, most of the
         prompt is that shared part.
         """
+        image_embeds = image_embeds.to(next(self.projector.parameters()).device)  # callers may pass CPU tensors
         if image_index is None:
             image_index = range(len(instructions))
         image_index = torch.as_tensor(list(image_index), dtype=torch.long, device=image_embeds.device)
