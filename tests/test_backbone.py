@@ -221,6 +221,24 @@ def test_layer_picks_an_earlier_block_normalised_like_the_last(tmp_path: Path) -
         VisionBackbone.from_folder(folder, image_size=NATIVE_SIZE, layer=-3)
 
 
+@pytest.mark.parametrize("model_class, config_class", [(Dinov2Model, Dinov2Config), (CLIPVisionModel, CLIPVisionConfig)],
+                         ids=["dinov2", "clip_vision"])
+def test_blocks_after_the_deepest_chosen_layer_are_dropped_and_tokens_unchanged(model_class, config_class,
+                                                                                 tmp_path: Path) -> None:
+    model = model_class(config_class(**(TINY_VIT | {"num_hidden_layers": 4}))).eval()
+    folder = _save_hf_folder(model, tmp_path / "vision")
+    pixels = torch.randn(2, 3, NATIVE_SIZE, NATIVE_SIZE)
+    with torch.no_grad():
+        hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states  # [0] embeddings, [k] block k
+    norm = getattr(model, "layernorm", None) or torch.nn.Identity()
+    backbone = VisionBackbone.from_folder(folder, image_size=NATIVE_SIZE, layer=[-4, -3])  # blocks 1 and 2 of 4
+    torch.testing.assert_close(backbone(pixels), torch.cat([norm(hidden[1]), norm(hidden[2])], dim=-1))
+    kept = [m for name, m in backbone.encoder.named_modules() if name.endswith(("encoder.layer", "encoder.layers"))]
+    assert len(kept) == 1 and len(kept[0]) == 2  # blocks 3 and 4 are gone
+    assert len(VisionBackbone.from_folder(folder, image_size=NATIVE_SIZE, layer=[-3, -1]).encoder.state_dict()) == \
+        len(model.state_dict())  # the last block is chosen: nothing dropped
+
+
 def test_a_list_of_layers_concatenates_their_tokens_along_the_width(tiny_open_clip_name: str,
                                                                    tmp_path: Path) -> None:
     model = _tiny_dinov2().eval()

@@ -75,6 +75,16 @@ def _load_open_clip_encoder(folder: Path, image_size: int) -> tuple[nn.Module, s
     return encoder, name, tuple(record["image_mean"]), tuple(record["image_std"])
 
 
+def _drop_blocks_after(encoder: nn.Module, keep: int, blocks: int) -> None:
+    """Delete a HF encoder's blocks after the first `keep`: their outputs are never read, and they would cost a
+    third of the embedding time with the default `backbone.layer` (blocks 4 and 8 of 12). Models that keep their
+    blocks elsewhere than in a `layer`/`layers` list stay whole (slower, same tokens)."""
+    for name, module in encoder.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers") and len(module) == blocks:
+            del module[keep:]
+            return
+
+
 def _num_blocks(encoder: nn.Module, kind: str) -> int:
     """Transformer blocks of the encoder (the choices for `layer`)."""
     if kind == "open_clip":
@@ -106,6 +116,9 @@ class VisionBackbone(nn.Module):
         if not self.layers or not all(-blocks <= index <= -1 for index in self.layers):
             raise ValueError(f"backbone.layer must be between -{blocks} and -1 for {name} ({blocks} blocks; -1 = "
                              f"the last block, -2 the one before, ...), or a list of such blocks, got {layer}")
+        self._blocks = blocks
+        if kind == "hf":
+            _drop_blocks_after(encoder, blocks + 1 + max(self.layers), blocks)
         # One dummy forward tells token count and width for every model family, and fails here, early, if the
         # model cannot run at this resolution.
         try:
@@ -180,9 +193,9 @@ class VisionBackbone(nn.Module):
         backbone's device (`preprocess` makes them on the CPU), so callers need not."""
         pixel_values = pixel_values.to(next(self.parameters()).device)
         if self.kind == "open_clip":
-            blocks = _num_blocks(self.encoder, self.kind)
-            out = self.encoder.forward_intermediates(pixel_values, indices=[blocks + i for i in self.layers],
-                                                     normalize_intermediates=True, intermediates_only=True,
+            out = self.encoder.forward_intermediates(pixel_values, indices=[self._blocks + i for i in self.layers],
+                                                     stop_early=True, normalize_intermediates=True,
+                                                     intermediates_only=True,
                                                      output_fmt="NLC", output_extra_tokens=True)
             return torch.cat([torch.cat([prefix, patches], dim=1) for prefix, patches
                               in zip(out["image_intermediates_prefix"], out["image_intermediates"])], dim=-1)
@@ -190,8 +203,9 @@ class VisionBackbone(nn.Module):
             return self.encoder(pixel_values=pixel_values, **self._forward_kwargs).last_hidden_state
         out = self.encoder(pixel_values=pixel_values, output_hidden_states=True, **self._forward_kwargs)
         final_norm = getattr(self.encoder, "layernorm", None) or nn.Identity()
-        # hidden_states[0] is the patch embedding, [k] block k's output
-        return torch.cat([final_norm(out.hidden_states[index]) for index in self.layers], dim=-1)
+        # hidden_states[0] is the patch embedding, [k] block k's output (counted from the front: later blocks
+        # may have been dropped, see `_drop_blocks_after`)
+        return torch.cat([final_norm(out.hidden_states[self._blocks + 1 + index]) for index in self.layers], dim=-1)
 
     def metadata(self) -> dict[str, str]:
         """Everything needed to interpret (and reproduce) cached embeddings, as strings for Parquet metadata."""
