@@ -28,7 +28,7 @@ from vlm.losses import stage1_losses
 from vlm.models.qformer import QFormer
 from vlm.precision import autocast
 from vlm.train.loop import train
-from vlm.train.stage1 import caption_batches, caption_table
+from vlm.train.stage1 import caption_batches, caption_table, new_qformer
 
 GOAL = ">= 5"
 
@@ -67,11 +67,7 @@ def run(ws: Workspace, steps: int, repeats: int) -> Figure:
     assert embeddings.image_ids == image_ids, "the benchmark's embeddings are of its own dataset, in order"
     batch_size = min(train_config.batch_size, len(image_ids))
     torch.manual_seed(train_config.seed)
-    qformer = QFormer.from_bert(ws.models / "bert", num_queries=config.num_queries,
-                                cross_attention_freq=config.cross_attention_freq,
-                                image_hidden_size=embeddings.tokens.shape[-1],
-                                separate_query_ffn=config.separate_query_ffn, embed_dim=config.embed_dim,
-                                max_text_len=config.max_text_len)
+    qformer = new_qformer(ws.models / "bert", config, image_hidden_size=embeddings.tokens.shape[-1])
     initial = copy.deepcopy(qformer.state_dict())
     weights = {"itc": config.losses.itc, "itm": config.losses.itm, "itg": config.losses.itg}
     in_loop = BackboneInTheLoop(ws)

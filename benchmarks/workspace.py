@@ -95,12 +95,9 @@ class Workspace:
     def qformer_dir(self) -> Path:
         """A Q-Former initialised from the BERT with params.yaml's shape (what stage 1 starts from: its weights'
         values do not change a step's cost)."""
-        from vlm.models.qformer import QFormer
+        from vlm.train.stage1 import new_qformer
 
         config = self.params.qformer
         path = self.root / "qformer"
-        QFormer.from_bert(self.models / "bert", num_queries=config.num_queries,
-                          cross_attention_freq=config.cross_attention_freq,
-                          image_hidden_size=self.backbone.hidden_size, separate_query_ffn=config.separate_query_ffn,
-                          embed_dim=config.embed_dim, max_text_len=config.max_text_len).save(path)
+        new_qformer(self.models / "bert", config, image_hidden_size=self.backbone.hidden_size).save(path)
         return path

@@ -34,9 +34,15 @@ DATASET_SCHEMA = pa.schema(
         pa.field("answers", pa.list_(pa.list_(pa.string())), nullable=False),
         # Parallel to `questions`, e.g. "color", "count", "yes/no".
         pa.field("question_types", pa.list_(pa.string()), nullable=False),
+        # Objects where the source knows them: the centre (x, y as fractions of the width and height, y = 0 at
+        # the top) and a short phrase ("small red circle"). The synthetic scenes fill it; imports leave it empty.
+        # `train_vlm.align.target: grid` reads it.
+        pa.field("regions", pa.list_(pa.struct([("x", pa.float32()), ("y", pa.float32()), ("phrase", pa.string())])),
+                 nullable=False),
     ]
 )
 COLUMNS: tuple[str, ...] = tuple(DATASET_SCHEMA.names)
+OPTIONAL_COLUMNS: dict[str, Any] = {"regions": []}  # a record may leave these out; they are written empty
 
 # File signatures of the accepted encodings; checking them at write time is cheap and turns a
 # confusing decode failure deep inside training into an error at import time.
@@ -72,6 +78,7 @@ def write_split(
     try:
         writer = pq.ParquetWriter(tmp_path, schema, compression="zstd")
         for record in records:
+            record = {**OPTIONAL_COLUMNS, **record} if isinstance(record, Mapping) else record
             validate_record(record)
             image_id = record["image_id"]
             if image_id in seen_ids:
@@ -109,7 +116,7 @@ def validate_record(record: Mapping[str, Any]) -> None:
     def fail(field: str, problem: str) -> DatasetError:
         return DatasetError(f"record {image_id!r}: field {field!r} {problem}")
 
-    missing = [name for name in COLUMNS if name not in record]
+    missing = [name for name in COLUMNS if name not in record and name not in OPTIONAL_COLUMNS]
     if missing:
         raise fail(missing[0], f"is missing (missing fields: {missing}; expected {list(COLUMNS)})")
     unexpected = sorted(set(record) - set(COLUMNS))
@@ -134,6 +141,14 @@ def validate_record(record: Mapping[str, Any]) -> None:
         _check_string_list(question_answers, fail, f"answers[{index}]")
         if not question_answers:
             raise fail(f"answers[{index}]", "is empty; every question needs at least one answer")
+    regions = record.get("regions", [])
+    if not isinstance(regions, list | tuple):
+        raise fail("regions", f"must be a list of {{'x', 'y', 'phrase'}} dicts, got {type(regions).__name__}")
+    for index, region in enumerate(regions):
+        if not (isinstance(region, Mapping) and set(region) == {"x", "y", "phrase"}
+                and all(isinstance(region[key], int | float) and 0 <= region[key] <= 1 for key in ("x", "y"))
+                and isinstance(region["phrase"], str) and region["phrase"]):
+            raise fail(f"regions[{index}]", f"must be {{'x': 0..1, 'y': 0..1, 'phrase': non-empty text}}, got {region!r}")
 
 
 def _check_string_list(values: Any, fail: Callable[[str, str], DatasetError], field: str) -> None:

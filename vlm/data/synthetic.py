@@ -406,6 +406,7 @@ def scene_record(scene: Scene, rng: np.random.Generator, image_id: str, image_si
         "questions": [qa.question for qa in questions],
         "answers": [[qa.answer] for qa in questions],
         "question_types": [qa.question_type for qa in questions],
+        "regions": [{"x": obj.x, "y": obj.y, "phrase": obj.full_name} for obj in scene.objects],
     }
 
 

@@ -38,6 +38,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from vlm.models.spatial_prior import cross_attention_bias, queries_per_cell
+
 CONFIG_FILE = "qformer_config.json"
 WEIGHTS_FILE = "model.safetensors"
 DEC_TOKEN = "[DEC]"
@@ -82,6 +84,7 @@ class QFormerConfig:
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     hidden_act: str = "gelu"
+    spatial_grid: int = 0  # > 0: each query starts out looking at its cell of a G x G grid (models/spatial_prior.py)
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads != 0:
@@ -94,6 +97,8 @@ class QFormerConfig:
         if self.max_text_len > self.max_position:
             raise ValueError(f"QFormerConfig: max_text_len {self.max_text_len} exceeds the {self.max_position} "
                              "position embeddings of the BERT checkpoint; lower max_text_len.")
+        if self.spatial_grid:
+            queries_per_cell(self.num_queries, self.spatial_grid)  # enough queries for one per cell
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"QFormerConfig: hidden_act {self.hidden_act!r} is not supported; "
                              f"use one of {sorted(_ACTIVATIONS)}.")
@@ -175,7 +180,8 @@ class Attention(nn.Module):
         return x.view(batch, length, self.num_heads, width // self.num_heads).transpose(1, 2)
 
     def forward(self, hidden: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """hidden [B, L, H] attends to context [B, S, Hk]; mask is bool [B, L, S] or [B, 1, S] (True = visible)."""
+        """hidden [B, L, H] attends to context [B, S, Hk]; mask is bool [B, L, S] or [B, 1, S] (True = visible),
+        or float logits added to the attention scores ([B or 1, L, S])."""
         attended = F.scaled_dot_product_attention(
             self._split_heads(self.query(hidden)),
             self._split_heads(self.key(context)),
@@ -209,13 +215,12 @@ class QFormerLayer(nn.Module):
         self.query_ffn = FeedForward(config) if config.separate_query_ffn else None
 
     def forward(self, hidden: torch.Tensor, self_mask: torch.Tensor | None, num_queries: int,
-                image_embeds: torch.Tensor | None, image_mask: torch.Tensor | None) -> torch.Tensor:
+                image_embeds: torch.Tensor | None, cross_mask: torch.Tensor | None) -> torch.Tensor:
         hidden = self.self_attention(hidden, hidden, self_mask)
         queries, text = hidden[:, :num_queries], hidden[:, num_queries:]
         if self.cross_attention is not None and num_queries > 0:
             # Only queries look at the image; text learns about it solely through the queries.
-            queries = self.cross_attention(queries, image_embeds,
-                                           None if image_mask is None else image_mask[:, None, :].bool())
+            queries = self.cross_attention(queries, image_embeds, cross_mask)
         query_ffn = self.query_ffn if self.query_ffn is not None else self.text_ffn
         return torch.cat([query_ffn(queries), self.text_ffn(text)], dim=1)
 
@@ -277,8 +282,13 @@ class QFormer(nn.Module):
 
     def _run(self, hidden: torch.Tensor, self_mask: torch.Tensor | None, num_queries: int,
              image_embeds: torch.Tensor | None, image_mask: torch.Tensor | None) -> torch.Tensor:
+        cross_mask = None if image_mask is None else image_mask[:, None, :].bool()  # [B, 1, S]: True = visible
+        if self.config.spatial_grid and image_embeds is not None and num_queries > 0:
+            bias = cross_attention_bias(num_queries, image_embeds.shape[1], self.config.spatial_grid)
+            bias = bias.to(device=image_embeds.device, dtype=image_embeds.dtype)[None]  # [1, Q, S]
+            cross_mask = bias if cross_mask is None else bias.masked_fill(~cross_mask, float("-inf"))
         for layer in self.layers:
-            hidden = layer(hidden, self_mask, num_queries, image_embeds, image_mask)
+            hidden = layer(hidden, self_mask, num_queries, image_embeds, cross_mask)
         return hidden
 
     def _check_image(self, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -359,7 +369,8 @@ class QFormer(nn.Module):
 
     @classmethod
     def from_bert(cls, bert_dir: Path, num_queries: int, cross_attention_freq: int, image_hidden_size: int,
-                  separate_query_ffn: bool = True, embed_dim: int = 256, max_text_len: int = 64) -> QFormer:
+                  separate_query_ffn: bool = True, embed_dim: int = 256, max_text_len: int = 64,
+                  spatial_grid: int = 0) -> QFormer:
         """Build a Q-Former from a Hugging Face BERT folder (config.json, model.safetensors, tokenizer files).
 
         Self-attention, FFN and embeddings come from BERT (the query FFN starts as a copy of the text FFN);
@@ -393,6 +404,7 @@ class QFormer(nn.Module):
             separate_query_ffn=separate_query_ffn,
             embed_dim=embed_dim,
             max_text_len=max_text_len,
+            spatial_grid=spatial_grid,
             layer_norm_eps=bert_config.get("layer_norm_eps", 1e-12),
             hidden_dropout=bert_config.get("hidden_dropout_prob", 0.1),
             attention_dropout=bert_config.get("attention_probs_dropout_prob", 0.1),

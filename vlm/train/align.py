@@ -4,7 +4,9 @@ Stage 1 leaves the Q-Former's queries nearly identical to one another (on the de
 query outputs of an image fell from 0.54 at initialisation to 0.006), so the LLM receives one vector repeated,
 and stage 2 is far too short on a CPU to undo that through the LLM. Here the Q-Former and the new projector
 train, with no LLM pass at all, so that visual token k, read through the LLM's input embedding matrix E, is the
-k-th token of one of the image's reference captions (`align.caption`):
+k-th token of its target: with `align.target: grid` (the default, for data with regions), the phrase of the
+object in the query's grid cell ("small red circle", " none" for an empty cell; vlm/models/spatial_prior.py), or
+with `align.target: caption` one of the image's reference captions (`align.caption`):
 
     loss = cross-entropy(v_k @ E_vocab^T, caption token k)  +  |v_k - E[caption token k]|^2 / |E[caption token k]|^2
 
@@ -34,6 +36,7 @@ from vlm.config import VLMTrainConfig
 from vlm.data.dataset_io import read_split
 from vlm.data.embeddings import Embeddings, available, gather
 from vlm.models.prompt import IGNORE_INDEX
+from vlm.models.spatial_prior import queries_per_cell, query_cells, region_cell
 from vlm.models.vlm import VisionLanguageModel
 from vlm.train.checkpoint import Checkpointer
 from vlm.train.loop import train
@@ -46,6 +49,39 @@ def caption_targets(tokenizer, captions: dict[str, str], num_slots: int) -> dict
         ids = tokenizer(caption, add_special_tokens=False)["input_ids"][:num_slots]
         targets[image_id] = ids + [IGNORE_INDEX] * (num_slots - len(ids))
     return targets
+
+
+EMPTY_CELL = "none"  # what the queries of a cell with no object name
+
+
+def grid_targets(tokenizer, regions: dict[str, list[dict]], num_slots: int, grid: int) -> dict[str, list[int]]:
+    """image id -> per slot, a token of the phrase of the object in the slot's grid cell (see
+    vlm/models/spatial_prior.py): the cell's k slots name the phrase's first k tokens ("small red circle"), and
+    " none" for an empty cell; IGNORE_INDEX for the slots left over. Of two objects in one cell, the later wins."""
+    if not grid:
+        raise ValueError("train_vlm.align.target 'grid' needs qformer.spatial_grid > 0 (the queries' cells)")
+    cells, per_cell = query_cells(num_slots, grid), queries_per_cell(num_slots, grid)
+    none = tokenizer(" " + EMPTY_CELL, add_special_tokens=False)["input_ids"]
+    targets = {}
+    for image_id, objects in regions.items():
+        words = {region_cell(o["x"], o["y"], grid): tokenizer(" " + o["phrase"], add_special_tokens=False)["input_ids"]
+                 for o in objects}
+        slots = []
+        for slot, cell in enumerate(cells):
+            if cell is None:
+                slots.append(IGNORE_INDEX)
+                continue
+            phrase = words.get(cell, none * per_cell)
+            position = slot - cell * per_cell
+            slots.append(phrase[position] if position < len(phrase) else IGNORE_INDEX)
+        targets[image_id] = slots
+    return targets
+
+
+def image_regions(dataset_path: Path) -> dict[str, list[dict]]:
+    """image id -> its regions ({x, y, phrase}); images without any are left out."""
+    rows = read_split(dataset_path, columns=["image_id", "regions"]).to_pylist()
+    return {row["image_id"]: row["regions"] for row in rows if row["regions"]}
 
 
 def alignment_losses(visual: torch.Tensor, targets: torch.Tensor, embedding_matrix: torch.Tensor,
@@ -98,12 +134,21 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
     Returns the final (smoothed) losses and slot accuracy, prefixed `align_`."""
     align = config.align
     loop_config = replace(config, lr=align.lr, batch_size=align.batch_size, warmup_steps=align.warmup_steps)
-    captions = reference_captions(dataset_path, align.caption)
-    captions = {i: captions[i] for i in available(embeddings, captions)}
-    if not captions:
-        raise ValueError(f"train_vlm.align: no training image of {dataset_path} has both a caption and an "
-                         "embedding; set train_vlm.align.steps: 0 for a dataset without captions")
-    targets = caption_targets(model.tokenizer, captions, model.qformer.config.num_queries)
+    if align.target == "grid":
+        targets = grid_targets(model.tokenizer, image_regions(dataset_path), model.qformer.config.num_queries,
+                               model.qformer.config.spatial_grid)
+        targets = {i: targets[i] for i in available(embeddings, targets)}
+        if not targets:
+            raise ValueError(f"train_vlm.align.target 'grid': no training image of {dataset_path} has both regions "
+                             "(the synthetic scenes have them; imports do not) and an embedding; use "
+                             "train_vlm.align.target: caption, or train_vlm.align.steps: 0")
+    else:
+        captions = reference_captions(dataset_path, align.caption)
+        captions = {i: captions[i] for i in available(embeddings, captions)}
+        if not captions:
+            raise ValueError(f"train_vlm.align: no training image of {dataset_path} has both a caption and an "
+                             "embedding; set train_vlm.align.steps: 0 for a dataset without captions")
+        targets = caption_targets(model.tokenizer, captions, model.qformer.config.num_queries)
     device = distributed.device()
     vocab = torch.tensor(sorted({t for ids in targets.values() for t in ids if t != IGNORE_INDEX}), device=device)
     embedding_matrix = model.llm.get_input_embeddings().weight.detach().float()  # once, not per step

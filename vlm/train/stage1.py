@@ -53,17 +53,21 @@ def caption_batches(embeddings: Embeddings, image_ids: list[str], captions: list
             yield images[rows].float(), ids[:, :used], mask[:, :used], rows
 
 
+def new_qformer(bert_dir: Path, config: QFormerConfig, image_hidden_size: int) -> QFormer:
+    """A Q-Former built from `bert_dir` as the `qformer` params section describes it (untrained new parts)."""
+    return QFormer.from_bert(bert_dir, num_queries=config.num_queries, cross_attention_freq=config.cross_attention_freq,
+                             image_hidden_size=image_hidden_size, separate_query_ffn=config.separate_query_ffn,
+                             embed_dim=config.embed_dim, max_text_len=config.max_text_len,
+                             spatial_grid=config.spatial_grid)
+
+
 def train_qformer(bert_dir: Path, embeddings: Embeddings, dataset_path: Path, qformer_config: QFormerConfig,
                   train_config: QFormerTrainConfig, log_dir: Path | None, checkpoint_dir: Path | None = None
                   ) -> tuple[QFormer, dict[str, float]]:
     """Train a Q-Former from `bert_dir`. Under torchrun each rank takes its share of every global batch and ITC
     contrasts against the gathered global batch. With `checkpoint_dir`, a killed run resumes where it stopped."""
     torch.manual_seed(train_config.seed)  # the same initial weights on every rank
-    qformer = QFormer.from_bert(bert_dir, num_queries=qformer_config.num_queries,
-                                cross_attention_freq=qformer_config.cross_attention_freq,
-                                image_hidden_size=embeddings.tokens.shape[-1],
-                                separate_query_ffn=qformer_config.separate_query_ffn,
-                                embed_dim=qformer_config.embed_dim, max_text_len=qformer_config.max_text_len)
+    qformer = new_qformer(bert_dir, qformer_config, image_hidden_size=embeddings.tokens.shape[-1])
     image_ids, captions = caption_table(dataset_path)
     keep = set(available(embeddings, image_ids))  # images `embed` skipped as unreadable have no embedding
     image_ids, captions = [i for i in image_ids if i in keep], [c for i, c in zip(image_ids, captions) if i in keep]

@@ -1,0 +1,108 @@
+"""Queries that start out spatial (vlm/models/spatial_prior.py) and the grid alignment target that uses them."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import tiny_vlm, tiny_vlm_folders
+from tiny_qformer import IMAGE_WIDTH, tiny_qformer
+
+from vlm.config import AlignConfig, ParamsError, QFormerConfig, VLMTrainConfig
+from vlm.data.dataset_io import DatasetError, read_split, write_split
+from vlm.data.embeddings import Embeddings, gather
+from vlm.data.synthetic import generate_records
+from vlm.models.prompt import IGNORE_INDEX
+from vlm.models.spatial_prior import cross_attention_bias, patch_grid, query_cells, region_cell
+from vlm.train.align import align_queries, grid_targets, image_regions
+
+
+def test_queries_are_dealt_out_cell_by_cell_and_the_rest_get_none() -> None:
+    assert query_cells(32, 3) == [q // 3 for q in range(27)] + [None] * 5
+    assert query_cells(4, 2) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="needs at least 9 queries"):
+        query_cells(8, 3)
+    with pytest.raises(ParamsError, match="qformer.spatial_grid"):
+        QFormerConfig(num_queries=8, spatial_grid=3)
+
+
+def test_bias_peaks_at_each_querys_own_cell() -> None:
+    assert patch_grid(65) == (1, 8) and patch_grid(64) == (0, 8) and patch_grid(69) == (5, 8)
+    bias = cross_attention_bias(4, 1 + 16, 2)  # CLS + 4 x 4 patches, 2 x 2 cells of 2 x 2 patches
+    for query, cell in enumerate(query_cells(4, 2)):
+        patches = bias[query, 1:].view(4, 4)
+        row, col = divmod(int(patches.argmax()), 4)
+        assert (row // 2) * 2 + col // 2 == cell  # the highest logits lie inside the query's cell
+        assert patches.max() > bias[query, 0]  # above the CLS token's
+    assert region_cell(0.1, 0.9, 3) == 6 and region_cell(1.0, 0.0, 3) == 2
+
+
+def test_a_spatial_query_reads_its_own_cell(tmp_path: Path) -> None:
+    """Changing the patches of cell 0 moves cell 0's query far more than the query of the opposite cell; without
+    the prior both move alike."""
+    images = torch.randn(1, 17, IMAGE_WIDTH, generator=torch.Generator().manual_seed(0))
+    changed = images.clone()
+    changed[:, 1:].view(1, 4, 4, IMAGE_WIDTH)[:, :2, :2] += 3.0  # the 2 x 2 patches of the top-left cell
+    shift = {}
+    for grid in (0, 2):
+        qformer = tiny_qformer(tmp_path / f"g{grid}", num_queries=4, spatial_grid=grid)
+        with torch.no_grad():
+            moved = (qformer.encode_image(changed) - qformer.encode_image(images)).norm(dim=-1)[0]
+        shift[grid] = float(moved[0] / moved[3])  # query 0 sits on cell 0, query 3 on the opposite cell
+    assert shift[2] > 2.0 and shift[2] > 2 * shift[0], shift
+
+
+def test_grid_targets_name_each_cells_object_and_none_elsewhere() -> None:
+    class Words:  # a word-level tokenizer: one id per word
+        vocab = {"none": 0, "small": 1, "red": 2, "circle": 3, "large": 4, "blue": 5, "square": 6}
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [self.vocab[w] for w in text.split()]}
+
+    regions = {"a": [{"x": 0.1, "y": 0.1, "phrase": "small red circle"},
+                     {"x": 0.9, "y": 0.9, "phrase": "large blue square"}]}
+    slots = grid_targets(Words(), regions, num_slots=14, grid=2)["a"]  # 3 per cell, 2 left over
+    assert slots == [1, 2, 3, 0, 0, 0, 0, 0, 0, 4, 5, 6, IGNORE_INDEX, IGNORE_INDEX]
+    with pytest.raises(ValueError, match="spatial_grid"):
+        grid_targets(Words(), regions, num_slots=14, grid=0)
+
+
+def test_regions_round_trip_and_bad_regions_name_the_record(tmp_path: Path) -> None:
+    records = list(generate_records(seed=1, num_images=3, image_size=32, id_prefix="train"))
+    write_split(records, tmp_path / "train.parquet")
+    stored = read_split(tmp_path / "train.parquet", columns=["regions"]).column("regions").to_pylist()
+    assert [len(r) for r in stored] == [len(r["regions"]) for r in records] and all(stored)
+    assert image_regions(tmp_path / "train.parquet").keys() == {r["image_id"] for r in records}
+    plain = [{k: v for k, v in r.items() if k != "regions"} for r in records]  # imports may leave it out
+    write_split(plain, tmp_path / "plain.parquet")
+    assert image_regions(tmp_path / "plain.parquet") == {}
+    bad = dict(records[0], regions=[{"x": 1.5, "y": 0.2, "phrase": "red circle"}])
+    with pytest.raises(DatasetError, match=r"'train-000000'.*regions\[0\]"):
+        write_split([bad], tmp_path / "bad.parquet")
+
+
+def test_grid_alignment_teaches_each_cells_queries_their_object(tmp_path: Path) -> None:
+    records = list(generate_records(seed=3, num_images=4, image_size=32, id_prefix="train"))
+    write_split(records, tmp_path / "train.parquet")
+    ids = [r["image_id"] for r in records]
+    embeddings = Embeddings(ids, torch.randn(4, 17, IMAGE_WIDTH, generator=torch.Generator().manual_seed(0)).half(), {})
+    model = tiny_vlm(tiny_vlm_folders(tmp_path, num_queries=12, spatial_grid=2))
+    targets = grid_targets(model.tokenizer, image_regions(tmp_path / "train.parquet"), 12, 2)
+    target = torch.tensor([targets[i] for i in ids])
+
+    def slot_accuracy() -> float:
+        with torch.no_grad():
+            predicted = (model.visual_tokens(gather(embeddings, ids).float())
+                         @ model.llm.get_input_embeddings().weight.T).argmax(-1)
+        return float((predicted == target)[target != IGNORE_INDEX].float().mean())
+
+    before = slot_accuracy()
+    config = replace(VLMTrainConfig(precision="fp32", checkpoint_every=0, seed=0),
+                     align=AlignConfig(steps=400, target="grid", batch_size=4, lr=3e-3, qformer_lr=3e-3,
+                                       warmup_steps=5))
+    align_queries(model, embeddings, tmp_path / "train.parquet", config, log_dir=None)
+    assert slot_accuracy() > max(0.8, before + 0.5), (before, slot_accuracy())
+    plain = [{k: v for k, v in r.items() if k != "regions"} for r in records]
+    write_split(plain, tmp_path / "plain.parquet")
+    with pytest.raises(ValueError, match="target: caption"):
+        align_queries(model, embeddings, tmp_path / "plain.parquet", config, log_dir=None)
