@@ -28,8 +28,9 @@ TINY_PARAMS = {
     "backbone": {"source": "tiny/vision", "image_size": VISION_IMAGE_SIZE, "layer": -2, "batch_size": 8,
                  "precision": "fp32"},
     # The tiny BERT has 32 position embeddings, so captions are truncated to 32 tokens.
+    # spatial_grid 1: one cell (the whole image), so that any num_queries the tests set has enough queries
     "qformer": {"bert": "tiny/bert", "num_queries": 4, "cross_attention_freq": 1, "embed_dim": 16,
-                "max_text_len": 32},
+                "max_text_len": 32, "spatial_grid": 1},
     "projector": {"hidden_dim": 16},
     "lora": {"r": 4, "alpha": 8},
     "llm": {"source": "tiny/llm"},
@@ -91,9 +92,17 @@ def stages_run(result: subprocess.CompletedProcess) -> list[str]:
 def set_params(repo: Path, changes: dict[str, dict]) -> None:
     path = repo / "params.yaml"
     params = yaml.safe_load(path.read_text())
-    for section, values in changes.items():
-        params[section].update(values)
+    _merge(params, changes)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _merge(params: dict, changes: dict) -> None:
+    """Nested sections change key by key: {"train_vlm": {"align": {"target": ...}}} keeps align's other keys."""
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(params.get(key), dict):
+            _merge(params[key], value)
+        else:
+            params[key] = value
 
 
 def commit_all(repo: Path, message: str) -> None:

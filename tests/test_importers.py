@@ -358,7 +358,8 @@ def test_jsonl_dataset_runs_through_the_whole_pipeline(tmp_path: Path) -> None:
     init_pipeline_repo(repo)
     ids = tiny_manifest_dataset(repo)
     set_params(repo, {"data": {"source": "jsonl", "jsonl": {
-        split: [f"data/raw/shapes/{split}.jsonl"] for split in ("train", "val", "test")}}})
+        split: [f"data/raw/shapes/{split}.jsonl"] for split in ("train", "val", "test")}},
+        "train_vlm": {"align": {"target": "caption"}}})  # a manifest has no regions for the grid target
     run(["dvc", "add", "data/raw/shapes"], repo)  # as README says: DVC tracks the raw data, git the .dvc file
     commit_all(repo, "sources, tiny models, a JSONL dataset")
 

@@ -37,7 +37,7 @@ DATASET_SCHEMA = pa.schema(
         # Objects where the source knows them: the centre (x, y as fractions of the width and height, y = 0 at
         # the top) and a short phrase ("small red circle"). The synthetic scenes fill it; imports leave it empty.
         # `train_vlm.align.target: grid` reads it.
-        pa.field("regions", pa.list_(pa.struct([("x", pa.float32()), ("y", pa.float32()), ("phrase", pa.string())])),
+        pa.field("regions", pa.list_(pa.struct([("x", pa.float64()), ("y", pa.float64()), ("phrase", pa.string())])),
                  nullable=False),
     ]
 )
