@@ -28,15 +28,15 @@ TINY_PARAMS = {
     "backbone": {"source": "tiny/vision", "image_size": VISION_IMAGE_SIZE, "layer": -2, "batch_size": 8,
                  "precision": "fp32"},
     # The tiny BERT has 32 position embeddings, so captions are truncated to 32 tokens.
-    # spatial_grid 1: one cell (the whole image), so that any num_queries the tests set has enough queries
     "qformer": {"bert": "tiny/bert", "num_queries": 4, "cross_attention_freq": 1, "embed_dim": 16,
-                "max_text_len": 32, "spatial_grid": 1},
+                "max_text_len": 32},
     "projector": {"hidden_dim": 16},
     "lora": {"r": 4, "alpha": 8},
     "llm": {"source": "tiny/llm"},
     "train_qformer": {"epochs": 1, "batch_size": 8, "warmup_steps": 1, "log_every": 1, "precision": "fp32"},
     "train_vlm": {"epochs": 0.2, "batch_size": 8, "warmup_steps": 1, "log_every": 1, "precision": "fp32",
-                  "align": {"steps": 3, "batch_size": 8, "warmup_steps": 1}},
+                  # spatial_grid 1: one cell (the whole image), enough queries for any num_queries the tests set
+                  "align": {"steps": 3, "batch_size": 8, "warmup_steps": 1, "spatial_grid": 1}},
     "eval": {"batch_size": 16, "max_new_tokens": 4},
 }
 

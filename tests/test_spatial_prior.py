@@ -8,7 +8,7 @@ import torch
 from tiny_models import tiny_vlm, tiny_vlm_folders
 from tiny_qformer import IMAGE_WIDTH, tiny_qformer
 
-from vlm.config import AlignConfig, ParamsError, QFormerConfig, VLMTrainConfig
+from vlm.config import AlignConfig, ParamsError, VLMTrainConfig
 from vlm.data.dataset_io import DatasetError, read_split, write_split
 from vlm.data.embeddings import Embeddings, gather
 from vlm.data.synthetic import generate_records
@@ -22,8 +22,8 @@ def test_queries_are_dealt_out_cell_by_cell_and_the_rest_get_none() -> None:
     assert query_cells(4, 2) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="needs at least 9 queries"):
         query_cells(8, 3)
-    with pytest.raises(ParamsError, match="qformer.spatial_grid"):
-        QFormerConfig(num_queries=8, spatial_grid=3)
+    with pytest.raises(ParamsError, match="train_vlm.align.spatial_grid"):
+        AlignConfig(spatial_grid=0, target="grid")
 
 
 def test_bias_peaks_at_each_querys_own_cell() -> None:
@@ -86,7 +86,7 @@ def test_grid_alignment_teaches_each_cells_queries_their_object(tmp_path: Path) 
     write_split(records, tmp_path / "train.parquet")
     ids = [r["image_id"] for r in records]
     embeddings = Embeddings(ids, torch.randn(4, 17, IMAGE_WIDTH, generator=torch.Generator().manual_seed(0)).half(), {})
-    model = tiny_vlm(tiny_vlm_folders(tmp_path, num_queries=12, spatial_grid=2))
+    model = tiny_vlm(tiny_vlm_folders(tmp_path, num_queries=12))  # plain queries, as stage 1 leaves them
     targets = grid_targets(model.tokenizer, image_regions(tmp_path / "train.parquet"), 12, 2)
     target = torch.tensor([targets[i] for i in ids])
 
@@ -98,9 +98,10 @@ def test_grid_alignment_teaches_each_cells_queries_their_object(tmp_path: Path) 
 
     before = slot_accuracy()
     config = replace(VLMTrainConfig(precision="fp32", checkpoint_every=0, seed=0),
-                     align=AlignConfig(steps=400, target="grid", batch_size=4, lr=3e-3, qformer_lr=3e-3,
-                                       warmup_steps=5))
+                     align=AlignConfig(steps=400, spatial_grid=2, target="grid", batch_size=4, lr=3e-3,
+                                       qformer_lr=3e-3, warmup_steps=5))
     align_queries(model, embeddings, tmp_path / "train.parquet", config, log_dir=None)
+    assert model.qformer.config.spatial_grid == 2  # the queries keep their cells in the saved model
     assert slot_accuracy() > max(0.8, before + 0.5), (before, slot_accuracy())
     plain = [{k: v for k, v in r.items() if k != "regions"} for r in records]
     write_split(plain, tmp_path / "plain.parquet")

@@ -189,16 +189,7 @@ class QFormerConfig:
     separate_query_ffn: bool = True
     embed_dim: int = 256
     max_text_len: int = 48
-    # > 0: each query starts out attending to its cell of a G x G grid over the image (vlm/models/spatial_prior.py);
-    # 0: BLIP-2's queries, all alike at first. Measured: with the grid alignment target, VQA 0.611 -> 0.685 (README)
-    spatial_grid: int = 3
     losses: QFormerLossWeights = field(default_factory=QFormerLossWeights)
-
-    def __post_init__(self) -> None:
-        if self.spatial_grid < 0 or (self.spatial_grid and self.num_queries < self.spatial_grid ** 2):
-            raise ParamsError(f"param qformer.spatial_grid must be 0 (off) or G >= 1 with qformer.num_queries >= G*G "
-                              f"(one query per cell at least); got spatial_grid={self.spatial_grid}, "
-                              f"num_queries={self.num_queries}")
 
 
 @dataclass(frozen=True)
@@ -262,8 +253,11 @@ class AlignConfig:
     """Query alignment before stage 2 (vlm/train/align.py): visual tokens learn to spell a reference caption."""
 
     steps: int = 300  # 0 skips it
-    # What the visual tokens learn to name: "grid" - the queries of each cell of qformer.spatial_grid name the
-    # phrase of the object there, "none" for an empty cell (needs the dataset's `regions`: the synthetic scenes);
+    # > 0: from the alignment on, each query attends around its cell of a G x G grid over the image
+    # (vlm/models/spatial_prior.py); stage 1 keeps BLIP-2's plain queries. 0: plain queries throughout.
+    spatial_grid: int = 3
+    # What the visual tokens learn to name: "grid" - the queries of each cell name the phrase of the object there,
+    # "none" for an empty cell (needs spatial_grid > 0 and the dataset's `regions`: the synthetic scenes);
     # "caption" - token k of a reference caption (any dataset with captions).
     target: Literal["grid", "caption"] = "grid"
     caption: int = 0  # target caption: which of an image's reference captions to spell (0 = the first)
@@ -278,6 +272,10 @@ class AlignConfig:
     dropout: bool = False
 
     def __post_init__(self) -> None:
+        if self.spatial_grid < 0 or (self.target == "grid" and not self.spatial_grid):
+            raise ParamsError(f"param train_vlm.align.spatial_grid must be >= 0 (0 = plain queries), and > 0 for "
+                              f"train_vlm.align.target 'grid'; got spatial_grid={self.spatial_grid}, "
+                              f"target={self.target!r}")
         if self.caption < 0:
             raise ParamsError(f"param train_vlm.align.caption must be >= 0 (0 = each image's first reference "
                               f"caption), got {self.caption}")

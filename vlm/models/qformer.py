@@ -297,6 +297,13 @@ class QFormer(nn.Module):
                              f"(config.image_hidden_size), got {tuple(image_embeds.shape)}.")
         return image_embeds.to(device=self.query_tokens.device, dtype=self.query_tokens.dtype)
 
+    def use_spatial_grid(self, grid: int) -> None:
+        """From now on each query attends around its cell of a grid x grid grid (0: plain queries); the setting is
+        saved with the config. Raises ValueError when there are fewer queries than cells."""
+        if grid:
+            queries_per_cell(self.config.num_queries, grid)
+        self.config.spatial_grid = grid
+
     def _check_text(self, input_ids: torch.Tensor) -> None:
         if input_ids.ndim != 2 or input_ids.shape[1] > self.config.max_position:
             raise ValueError(f"QFormer: input_ids must be [B, L] with L <= {self.config.max_position} "

@@ -59,7 +59,7 @@ def grid_targets(tokenizer, regions: dict[str, list[dict]], num_slots: int, grid
     vlm/models/spatial_prior.py): the cell's k slots name the phrase's first k tokens ("small red circle"), and
     " none" for an empty cell; IGNORE_INDEX for the slots left over. Of two objects in one cell, the later wins."""
     if not grid:
-        raise ValueError("train_vlm.align.target 'grid' needs qformer.spatial_grid > 0 (the queries' cells)")
+        raise ValueError("train_vlm.align.target 'grid' needs train_vlm.align.spatial_grid > 0 (the queries' cells)")
     cells, per_cell = query_cells(num_slots, grid), queries_per_cell(num_slots, grid)
     none = tokenizer(" " + EMPTY_CELL, add_special_tokens=False)["input_ids"]
     targets = {}
@@ -134,6 +134,7 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
     Returns the final (smoothed) losses and slot accuracy, prefixed `align_`."""
     align = config.align
     loop_config = replace(config, lr=align.lr, batch_size=align.batch_size, warmup_steps=align.warmup_steps)
+    model.qformer.use_spatial_grid(align.spatial_grid)  # kept in the saved Q-Former: stage 2 and evaluation see it
     if align.target == "grid":
         targets = grid_targets(model.tokenizer, image_regions(dataset_path), model.qformer.config.num_queries,
                                model.qformer.config.spatial_grid)

@@ -57,8 +57,7 @@ def new_qformer(bert_dir: Path, config: QFormerConfig, image_hidden_size: int) -
     """A Q-Former built from `bert_dir` as the `qformer` params section describes it (untrained new parts)."""
     return QFormer.from_bert(bert_dir, num_queries=config.num_queries, cross_attention_freq=config.cross_attention_freq,
                              image_hidden_size=image_hidden_size, separate_query_ffn=config.separate_query_ffn,
-                             embed_dim=config.embed_dim, max_text_len=config.max_text_len,
-                             spatial_grid=config.spatial_grid)
+                             embed_dim=config.embed_dim, max_text_len=config.max_text_len)
 
 
 def train_qformer(bert_dir: Path, embeddings: Embeddings, dataset_path: Path, qformer_config: QFormerConfig,
