@@ -148,7 +148,8 @@ def validate_record(record: Mapping[str, Any]) -> None:
         if not (isinstance(region, Mapping) and set(region) == {"x", "y", "phrase"}
                 and all(isinstance(region[key], int | float) and 0 <= region[key] <= 1 for key in ("x", "y"))
                 and isinstance(region["phrase"], str) and region["phrase"]):
-            raise fail(f"regions[{index}]", f"must be {{'x': 0..1, 'y': 0..1, 'phrase': non-empty text}}, got {region!r}")
+            raise fail(f"regions[{index}]",
+                       f"must be {{'x': 0..1, 'y': 0..1, 'phrase': non-empty text}}, got {region!r}")
 
 
 def _check_string_list(values: Any, fail: Callable[[str, str], DatasetError], field: str) -> None:
