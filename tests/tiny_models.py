@@ -98,12 +98,12 @@ def tiny_llm(directory: Path, seed: int = 0) -> Path:
     return Path(directory)
 
 
-def tiny_vlm_folders(root: Path, image_width: int = IMAGE_WIDTH, num_queries: int = TINY_VLM_QUERIES,
-                     spatial_grid: int = 0) -> tuple[Path, Path]:
+def tiny_vlm_folders(root: Path, image_width: int = IMAGE_WIDTH, num_queries: int = TINY_VLM_QUERIES
+                     ) -> tuple[Path, Path]:
     """(Q-Former folder, LLM folder) for `tiny_vlm`, written under `root`; the Q-Former reads image tokens
     `image_width` wide."""
     qformer = tiny_qformer(root / "bert", num_queries=num_queries, cross_attention_freq=1,
-                           image_hidden_size=image_width, spatial_grid=spatial_grid)
+                           image_hidden_size=image_width)
     qformer.save(root / "qformer")
     return root / "qformer", tiny_llm(root / "llm")
 

@@ -53,9 +53,10 @@ def tiny_qformer(directory: Path, num_queries: int = 4, cross_attention_freq: in
                  with_lm_head: bool = False, seed: int = 0, hidden_size: int = 32,
                  image_hidden_size: int = IMAGE_WIDTH, spatial_grid: int = 0) -> QFormer:
     write_tiny_bert(directory, with_lm_head=with_lm_head, seed=seed, hidden_size=hidden_size)
-    return QFormer.from_bert(directory, num_queries=num_queries, cross_attention_freq=cross_attention_freq,
-                             image_hidden_size=image_hidden_size, embed_dim=16, max_text_len=16,
-                             spatial_grid=spatial_grid).eval()
+    qformer = QFormer.from_bert(directory, num_queries=num_queries, cross_attention_freq=cross_attention_freq,
+                                image_hidden_size=image_hidden_size, embed_dim=16, max_text_len=16)
+    qformer.use_spatial_grid(spatial_grid)
+    return qformer.eval()
 
 
 def random_text(batch: int, length: int, generator: torch.Generator | None = None,

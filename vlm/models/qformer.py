@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -299,10 +299,8 @@ class QFormer(nn.Module):
 
     def use_spatial_grid(self, grid: int) -> None:
         """From now on each query attends around its cell of a grid x grid grid (0: plain queries); the setting is
-        saved with the config. Raises ValueError when there are fewer queries than cells."""
-        if grid:
-            queries_per_cell(self.config.num_queries, grid)
-        self.config.spatial_grid = grid
+        saved with the config, which checks it (ValueError when there are fewer queries than cells)."""
+        self.config = replace(self.config, spatial_grid=grid)
 
     def _check_text(self, input_ids: torch.Tensor) -> None:
         if input_ids.ndim != 2 or input_ids.shape[1] > self.config.max_position:
@@ -376,8 +374,7 @@ class QFormer(nn.Module):
 
     @classmethod
     def from_bert(cls, bert_dir: Path, num_queries: int, cross_attention_freq: int, image_hidden_size: int,
-                  separate_query_ffn: bool = True, embed_dim: int = 256, max_text_len: int = 64,
-                  spatial_grid: int = 0) -> QFormer:
+                  separate_query_ffn: bool = True, embed_dim: int = 256, max_text_len: int = 64) -> QFormer:
         """Build a Q-Former from a Hugging Face BERT folder (config.json, model.safetensors, tokenizer files).
 
         Self-attention, FFN and embeddings come from BERT (the query FFN starts as a copy of the text FFN);
@@ -411,7 +408,6 @@ class QFormer(nn.Module):
             separate_query_ffn=separate_query_ffn,
             embed_dim=embed_dim,
             max_text_len=max_text_len,
-            spatial_grid=spatial_grid,
             layer_norm_eps=bert_config.get("layer_norm_eps", 1e-12),
             hidden_dropout=bert_config.get("hidden_dropout_prob", 0.1),
             attention_dropout=bert_config.get("attention_probs_dropout_prob", 0.1),

@@ -1,6 +1,7 @@
 """Queries that start out spatial: each Q-Former query is given a cell of a G x G grid over the image, and its
-cross-attention a fixed bias towards the patches around that cell's centre (`qformer.spatial_grid: G`; 0 = off,
-BLIP-2's queries, which all start out looking at the whole image alike).
+cross-attention a fixed bias towards the patches around that cell's centre (`train_vlm.align.spatial_grid: G`,
+from the alignment on; 0 = off, BLIP-2's queries, which all start out looking at the whole image alike). The grid
+is part of the Q-Former's saved config (`QFormerConfig.spatial_grid`).
 
 Why: within a CPU run's few hundred steps the Q-Former's cross-attention never learns to read one object's patches
 (README, "Where the colour is lost"), although a linear probe reads each patch's colour (0.97) and its row and
@@ -28,8 +29,9 @@ def queries_per_cell(num_queries: int, grid: int) -> int:
     """How many queries each of the grid x grid cells gets (the rest get no cell)."""
     per_cell = num_queries // (grid * grid)
     if per_cell < 1:
-        raise ValueError(f"qformer.spatial_grid {grid} needs at least {grid * grid} queries (one per cell), but "
-                         f"qformer.num_queries is {num_queries}; lower spatial_grid or raise num_queries")
+        raise ValueError(f"spatial grid {grid} (train_vlm.align.spatial_grid) needs at least {grid * grid} queries "
+                         f"(one per cell), but qformer.num_queries is {num_queries}; lower spatial_grid or raise "
+                         "num_queries")
     return per_cell
 
 
@@ -43,7 +45,7 @@ def patch_grid(num_tokens: int) -> tuple[int, int]:
     """(prefix tokens, side) of image tokens laid out as prefix (CLS, registers) + side x side patches."""
     side = math.isqrt(num_tokens)
     if side < 1:
-        raise ValueError(f"qformer.spatial_grid needs image tokens on a square patch grid, got {num_tokens} tokens")
+        raise ValueError(f"a spatial grid needs image tokens on a square patch grid, got {num_tokens} tokens")
     return num_tokens - side * side, side
 
 
