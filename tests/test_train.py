@@ -184,3 +184,22 @@ def test_conversation_batches_yield_only_full_batches(split) -> None:
     for images, rows in itertools.islice(conversation_batches(embeddings, caption_tasks + vqa_tasks, prompt,
                                                               batch_size, seed=1), 12):
         assert images.shape[0] == len(rows) == batch_size
+
+
+def test_conversation_batches_group_rows_of_similar_length(tmp_path) -> None:
+    """Rows are padded to the longest in their batch, so a batch takes rows of neighbouring lengths: with all rows
+    in one pool, the batches' length ranges do not overlap (random batches of 2 from 12 rows almost surely do)."""
+    records = list(generate_records(seed=7, num_images=12, image_size=32, id_prefix="train"))
+    write_split(records, tmp_path / "train.parquet")
+    caption_tasks, vqa_tasks = load_tasks(tmp_path / "train.parquet", LLMConfig())
+    prompt = ChatPrompt(tiny_llm_tokenizer(), "Answer about the image.")
+    embeddings = indexed_embeddings([r["image_id"] for r in records])
+    batches = conversation_batches(embeddings, caption_tasks + vqa_tasks, prompt, batch_size=2, seed=0)
+    ranges = []
+    for _, rows in itertools.islice(batches, 6):  # one epoch
+        lengths = [sum(len(turn.user_ids) + len(turn.answer_ids) for turn in turns) for turns in rows]
+        ranges.append((min(lengths), max(lengths)))
+    assert len(set(ranges)) > 1, "the test needs rows of different lengths"
+    assert ranges != sorted(ranges), "batches should come in random order, not shortest first"
+    ranges.sort()
+    assert all(low_next >= high for (_, high), (low_next, _) in zip(ranges, ranges[1:]))

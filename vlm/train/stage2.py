@@ -71,15 +71,30 @@ def image_conversations(tasks: list[Task], prompt: ChatPrompt, rng: random.Rando
     return list(turns.items())
 
 
+# Batches are cut from pools of this many batches' worth of shuffled rows, sorted by length: a row is padded to
+# the longest in its batch, and random batches of 8 default rows were 11.6% padding, pooled ones 1.1%.
+POOL_BATCHES = 16
+
+
+def _row_length(turns: list[Example]) -> int:
+    return sum(len(turn.user_ids) + len(turn.answer_ids) for turn in turns)
+
+
 def conversation_batches(embeddings: Embeddings, tasks: list[Task], prompt: ChatPrompt, batch_size: int,
                          seed: int) -> Iterator[tuple[torch.Tensor, list[list[Example]]]]:
-    """Endless shuffled batches of `batch_size` images, each with all its caption and VQA turns."""
+    """Endless shuffled batches of `batch_size` images, each with all its caption and VQA turns; the images of
+    a batch have about as many turn tokens (`POOL_BATCHES`), and the batches come in random order."""
     rng = random.Random(seed)
     while True:
         rows = image_conversations(tasks, prompt, rng)
         rng.shuffle(rows)
-        for start in range(0, len(rows) - batch_size + 1, batch_size):
-            chunk = rows[start:start + batch_size]
+        chunks = []
+        pool_size = batch_size * POOL_BATCHES
+        for pool_start in range(0, len(rows), pool_size):
+            pool = sorted(rows[pool_start:pool_start + pool_size], key=lambda row: _row_length(row[1]))
+            chunks += [pool[start:start + batch_size] for start in range(0, len(pool) - batch_size + 1, batch_size)]
+        rng.shuffle(chunks)
+        for chunk in chunks:
             images = gather(embeddings, [image_id for image_id, _ in chunk]).float()
             yield images, [turns for _, turns in chunk]
 
