@@ -1,8 +1,8 @@
 """DVC stage `evaluate`: decode on the test split; CIDEr & co for captions, VQA accuracy for answers; the same
 model blind (a blank image's tokens in place of every image's) as a baseline; a gallery of the first test images.
 
-Not named evaluate.py: `python stages/<script>` puts stages/ first on sys.path, where a file named evaluate.py
-would shadow the Hugging Face `evaluate` library that the metrics are loaded with.
+Not named evaluate.py: run as a script (`python stages/<script>`, handy when debugging), a stage puts stages/ first
+on sys.path, where a file named evaluate.py would shadow the Hugging Face `evaluate` library the metrics load with.
 """
 
 import json
