@@ -54,15 +54,15 @@ def test_a_spatial_query_reads_its_own_cell(tmp_path: Path) -> None:
 
 def test_grid_targets_name_each_cells_object_and_none_elsewhere() -> None:
     class Words:  # a word-level tokenizer: one id per word
-        vocab = {"none": 0, "small": 1, "red": 2, "circle": 3, "large": 4, "blue": 5, "square": 6}
+        vocab = {"none": 0, "small": 1, "red": 2, "circle": 3, "large": 4, "blue": 5, "square": 6, "2": 7}
 
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [self.vocab[w] for w in text.split()]}
 
     regions = {"a": [{"x": 0.1, "y": 0.1, "phrase": "small red circle"},
                      {"x": 0.9, "y": 0.9, "phrase": "large blue square"}]}
-    slots = grid_targets(Words(), regions, num_slots=14, grid=2)["a"]  # 3 per cell, 2 left over
-    assert slots == [1, 2, 3, 0, 0, 0, 0, 0, 0, 4, 5, 6, IGNORE_INDEX, IGNORE_INDEX]
+    slots = grid_targets(Words(), regions, num_slots=14, grid=2)["a"]  # 3 per cell, 2 left over: the count
+    assert slots == [1, 2, 3, 0, 0, 0, 0, 0, 0, 4, 5, 6, 7, 7]
     with pytest.raises(ValueError, match="spatial_grid"):
         grid_targets(Words(), regions, num_slots=14, grid=0)
 

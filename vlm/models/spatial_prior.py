@@ -11,7 +11,8 @@ distance, added to the attention logits; the content term (query . key) still de
 reach beyond it.
 
 Queries are dealt out cell by cell, row-major: with 32 queries and G = 3, queries 3c, 3c+1, 3c+2 belong to cell c
-(one per word of "size colour shape"), and the 5 left over (32 - 27) get the image centre and no grid target.
+(one per word of "size colour shape"), and the 5 left over (32 - 27) get the image centre; the grid alignment has
+them name the number of objects.
 """
 
 from __future__ import annotations

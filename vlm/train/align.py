@@ -57,7 +57,8 @@ EMPTY_CELL = "none"  # what the queries of a cell with no object name
 def grid_targets(tokenizer, regions: dict[str, list[dict]], num_slots: int, grid: int) -> dict[str, list[int]]:
     """image id -> per slot, a token of the phrase of the object in the slot's grid cell (see
     vlm/models/spatial_prior.py): the cell's k slots name the phrase's first k tokens ("small red circle"), and
-    " none" for an empty cell; IGNORE_INDEX for the slots left over. Of two objects in one cell, the later wins."""
+    " none" for an empty cell. The slots left over (they look at the image's centre) name the number of objects
+    ("3"; a number of several tokens is spelt over them in turn). Of two objects in one cell, the later wins."""
     if not grid:
         raise ValueError("train_vlm.align.target 'grid' needs train_vlm.align.spatial_grid > 0 (the queries' cells)")
     cells, per_cell = query_cells(num_slots, grid), queries_per_cell(num_slots, grid)
@@ -66,10 +67,12 @@ def grid_targets(tokenizer, regions: dict[str, list[dict]], num_slots: int, grid
     for image_id, objects in regions.items():
         words = {region_cell(o["x"], o["y"], grid): tokenizer(" " + o["phrase"], add_special_tokens=False)["input_ids"]
                  for o in objects}
+        count = tokenizer(str(len(objects)), add_special_tokens=False)["input_ids"]
         slots = []
         for slot, cell in enumerate(cells):
-            if cell is None:
-                slots.append(IGNORE_INDEX)
+            if cell is None:  # the spare queries come last
+                spare = slot - (len(cells) - cells.count(None))
+                slots.append(count[spare % len(count)])
                 continue
             phrase = words.get(cell, none * per_cell)
             position = slot - cell * per_cell
