@@ -137,7 +137,7 @@ def vlm_step_flops(model: nn.Module, image_tokens: int, rows: Sequence[Sequence[
     images = len(rows)
     num_queries = model.qformer.config.num_queries
     shared = len(model.prompt.prefix_ids) + num_queries
-    turn_lengths = [[len(t.user_ids) + len(t.answer_ids) for t in turns] for turns in rows]
+    turn_lengths = [[t.num_tokens for t in turns] for turns in rows]
     llm_tokens = sum(shared + sum(lengths) for lengths in turn_lengths)
     target_tokens = sum(len(t.answer_ids) for turns in rows for t in turns)
     base = model.llm.get_base_model()

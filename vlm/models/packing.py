@@ -51,7 +51,7 @@ def pack(prefix_ids: Sequence[int], num_visual: int, rows: Sequence[Sequence[Exa
     if left_pad and any(len(turns) > 1 for turns in rows):
         raise ValueError("left padding is for generation, which takes one turn per row")
     shared = len(prefix_ids) + num_visual
-    lengths = [shared + sum(len(t.user_ids) + len(t.answer_ids) for t in turns) for turns in rows]
+    lengths = [shared + sum(turn.num_tokens for turn in turns) for turns in rows]
     batch, length = len(rows), max(lengths)
     ids = torch.full((batch, length), pad_id, dtype=torch.long)
     is_visual = torch.zeros(batch, length, dtype=torch.bool)

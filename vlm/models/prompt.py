@@ -25,6 +25,11 @@ class Example:
     user_ids: tuple[int, ...]
     answer_ids: tuple[int, ...] = ()
 
+    @property
+    def num_tokens(self) -> int:
+        """The tokens this turn takes in a prompt (user turn + answer)."""
+        return len(self.user_ids) + len(self.answer_ids)
+
 
 class ChatPrompt:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, system_prompt: str):

@@ -175,7 +175,7 @@ class VisionLanguageModel(nn.Module):
         shared = len(self.prompt.prefix_ids) + self.qformer.config.num_queries
         for turns in rows:
             for turn in turns:
-                length = shared + len(turn.user_ids) + len(turn.answer_ids)
+                length = shared + turn.num_tokens
                 if length > context:
                     text = self.tokenizer.decode(turn.user_ids, skip_special_tokens=True).strip()
                     raise ValueError(f"a prompt of {length} tokens (system prompt + visual tokens: {shared}) exceeds "

@@ -63,6 +63,7 @@ def grid_targets(tokenizer, regions: dict[str, list[dict]], num_slots: int, grid
         raise ValueError("train_vlm.align.target 'grid' needs train_vlm.align.spatial_grid > 0 (the queries' cells)")
     cells, per_cell = query_cells(num_slots, grid), queries_per_cell(num_slots, grid)
     none = tokenizer(" " + EMPTY_CELL, add_special_tokens=False)["input_ids"]
+    first_spare = len(cells) - cells.count(None)  # the spare queries come last
     targets = {}
     for image_id, objects in regions.items():
         words = {region_cell(o["x"], o["y"], grid): tokenizer(" " + o["phrase"], add_special_tokens=False)["input_ids"]
@@ -70,9 +71,8 @@ def grid_targets(tokenizer, regions: dict[str, list[dict]], num_slots: int, grid
         count = tokenizer(str(len(objects)), add_special_tokens=False)["input_ids"]
         slots = []
         for slot, cell in enumerate(cells):
-            if cell is None:  # the spare queries come last
-                spare = slot - (len(cells) - cells.count(None))
-                slots.append(count[spare % len(count)])
+            if cell is None:
+                slots.append(count[(slot - first_spare) % len(count)])
                 continue
             phrase = words.get(cell, none * per_cell)
             position = slot - cell * per_cell

@@ -76,10 +76,6 @@ def image_conversations(tasks: list[Task], prompt: ChatPrompt, rng: random.Rando
 POOL_BATCHES = 16
 
 
-def _row_length(turns: list[Example]) -> int:
-    return sum(len(turn.user_ids) + len(turn.answer_ids) for turn in turns)
-
-
 def conversation_batches(embeddings: Embeddings, tasks: list[Task], prompt: ChatPrompt, batch_size: int,
                          seed: int) -> Iterator[tuple[torch.Tensor, list[list[Example]]]]:
     """Endless shuffled batches of `batch_size` images, each with all its caption and VQA turns; the images of
@@ -91,7 +87,7 @@ def conversation_batches(embeddings: Embeddings, tasks: list[Task], prompt: Chat
         chunks = []
         pool_size = batch_size * POOL_BATCHES
         for pool_start in range(0, len(rows), pool_size):
-            pool = sorted(rows[pool_start:pool_start + pool_size], key=lambda row: _row_length(row[1]))
+            pool = sorted(rows[pool_start:pool_start + pool_size], key=lambda row: sum(turn.num_tokens for turn in row[1]))
             chunks += [pool[start:start + batch_size] for start in range(0, len(pool) - batch_size + 1, batch_size)]
         rng.shuffle(chunks)
         for chunk in chunks:
