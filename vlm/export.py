@@ -98,6 +98,9 @@ def model_card(name: str, config: dict[str, Any], model: VisionLanguageModel, pr
     backbone, llm, decoding = config["backbone"], config["llm"], config["decoding"]
     lora = ("LoRA merged into its weights" if config["lora"] == "merged"
             else "unchanged; the LoRA adapter (peft format) is in `adapter/`")
+    visual_block = f"{qformer.num_queries} visual tokens"
+    if model.cell_labels:
+        visual_block += f", each grid cell's name in words before its own ({model.num_visual_tokens} tokens in all)"
     lines = [
         f"# {name}",
         "",
@@ -125,8 +128,7 @@ def model_card(name: str, config: dict[str, Any], model: VisionLanguageModel, pr
         "The LLM's own chat template, with the image's query tokens between the system turn and the user turn:",
         "",
         "```",
-        f"[system turn: {llm['system_prompt']}] [{qformer.num_queries} visual tokens] [user turn: instruction] "
-        "[assistant turn: answer]",
+        f"[system turn: {llm['system_prompt']}] [{visual_block}] [user turn: instruction] [assistant turn: answer]",
         "```",
         "",
         f"Captions are asked with `{llm['caption_prompt']}`; questions get the suffix `{llm['question_suffix']}`. "

@@ -27,6 +27,7 @@ from vlm.models.packing import PackedRows, pack, turn_attention_mask
 from vlm.models.projector import Projector
 from vlm.models.prompt import IGNORE_INDEX, ChatPrompt, Example
 from vlm.models.qformer import QFormer
+from vlm.models.cell_labels import labelled_slots
 
 # Q-Former parts that only serve the stage-1 losses; the VLM reads queries only, so these stay frozen.
 STAGE1_ONLY = ("word_embeddings", "position_embeddings", "vision_proj", "text_proj", "itm_head", "lm_transform",
@@ -37,13 +38,14 @@ ADAPTER_SUBDIR, LLM_SUBDIR = "adapter", "llm"
 
 class VisionLanguageModel(nn.Module):
     def __init__(self, qformer: QFormer, projector: Projector, llm: PeftModel | PreTrainedModel, tokenizer,
-                 system_prompt: str, llm_source: str):
+                 system_prompt: str, llm_source: str, cell_labels: bool = False):
         super().__init__()
         self.qformer, self.projector, self.llm = qformer, projector, llm
         self.tokenizer = tokenizer
         self.prompt = ChatPrompt(tokenizer, system_prompt)
         self.llm_source = llm_source  # folder of the frozen base LLM, recorded so `load` can find it again
         self._freeze_stage1_heads()
+        self.use_cell_labels(cell_labels)
 
     # ------------------------------------------------------------------ construction
 
@@ -80,7 +82,8 @@ class VisionLanguageModel(nn.Module):
         projector = Projector(**config["projector"])
         projector.load_state_dict(load_file(model_dir / "projector.safetensors"))
         qformer = QFormer.load(model_dir / "qformer")
-        return cls(qformer, projector, llm, tokenizer, config["system_prompt"], config["llm_source"]).eval()
+        return cls(qformer, projector, llm, tokenizer, config["system_prompt"], config["llm_source"],
+                   cell_labels=config.get("cell_labels", False)).eval()
 
     def save(self, out_dir: Path) -> None:
         """Q-Former, projector and LoRA adapter (peft format) into one folder, atomically."""
@@ -108,7 +111,7 @@ class VisionLanguageModel(nn.Module):
                 shutil.copytree(self.llm_source, folder / LLM_SUBDIR)
         config = {"projector": self.projector.config(), "system_prompt": self.prompt.system_prompt,
                   "llm_source": LLM_SUBDIR if include_llm else self.llm_source,
-                  "lora": "merged" if merged else "adapter"}
+                  "lora": "merged" if merged else "adapter", "cell_labels": self.cell_labels}
         (folder / VLM_CONFIG).write_text(json.dumps(config, indent=2))
 
     def merge_lora(self) -> None:
@@ -145,11 +148,39 @@ class VisionLanguageModel(nn.Module):
             "frozen": count(self, False),
         }
 
+    def use_cell_labels(self, on: bool) -> None:
+        """Put each grid cell's name in words before its visual tokens (vlm/models/spatial_prior.py); needs the
+        Q-Former's spatial grid."""
+        grid = self.qformer.config.spatial_grid
+        if on and not grid:
+            raise ValueError("cell labels name the cells of the Q-Former's spatial grid, and it has none "
+                             "(train_vlm.align.spatial_grid: 0); set train_vlm.align.cell_labels: false")
+        self.cell_labels = on
+        layout = labelled_slots(self.tokenizer, self.qformer.config.num_queries, grid) if on else []
+        # the label token ids and where the queries go in the visual block; plain queries when empty
+        self._label_ids = torch.tensor([self.pad_id if t is None else t for t in layout], dtype=torch.long)
+        self._is_query = torch.tensor([t is None for t in layout], dtype=torch.bool)
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Tokens of the visual block: the queries, and the cell labels between them."""
+        return len(self._label_ids) if self.cell_labels else self.qformer.config.num_queries
+
     # ------------------------------------------------------------------ forward
 
-    def visual_tokens(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """[B, T, D_image] cached patch embeddings -> [B, Q, D_llm] tokens for the LLM."""
+    def query_tokens(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """[B, T, D_image] cached patch embeddings -> [B, Q, D_llm] the queries, through the projector."""
         return self.projector(self.qformer.encode_image(image_embeds))
+
+    def visual_tokens(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """[B, T, D_image] cached patch embeddings -> [B, V, D_llm] the visual block for the LLM: the query
+        tokens, with the cell labels' word embeddings between them when `cell_labels` is on."""
+        queries = self.query_tokens(image_embeds)
+        if not self.cell_labels:
+            return queries
+        labels = self.llm.get_input_embeddings()(self._label_ids.to(queries.device)).to(queries.dtype)
+        is_query = self._is_query.to(queries.device)[None, :, None]
+        return labels.expand(len(queries), -1, -1).masked_scatter(is_query, queries)
 
     def build_inputs(self, image_embeds: torch.Tensor, rows: Sequence[Sequence[Example]], left_pad: bool
                      ) -> tuple[torch.Tensor, PackedRows]:
@@ -172,7 +203,7 @@ class VisionLanguageModel(nn.Module):
         context = getattr(self.base_llm.config, "max_position_embeddings", None)
         if context is None:
             return
-        shared = len(self.prompt.prefix_ids) + self.qformer.config.num_queries
+        shared = len(self.prompt.prefix_ids) + self.num_visual_tokens
         for turns in rows:
             for turn in turns:
                 length = shared + turn.num_tokens

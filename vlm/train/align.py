@@ -138,6 +138,7 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
     align = config.align
     loop_config = replace(config, lr=align.lr, batch_size=align.batch_size, warmup_steps=align.warmup_steps)
     model.qformer.use_spatial_grid(align.spatial_grid)  # kept in the saved Q-Former: stage 2 and evaluation see it
+    model.use_cell_labels(align.cell_labels and align.spatial_grid > 0)  # kept in the saved model's config
     if align.target == "grid":
         targets = grid_targets(model.tokenizer, image_regions(dataset_path), model.qformer.config.num_queries,
                                model.qformer.config.spatial_grid)
@@ -166,7 +167,7 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
 
     def step_losses(batch):
         images, slot_targets = batch
-        # `model.visual_tokens` in two parts, so that a frozen Q-Former runs without autograd: no backward through
+        # `model.query_tokens` in two parts, so that a frozen Q-Former runs without autograd: no backward through
         # it, and no gradients left on it that no optimizer clears
         with torch.set_grad_enabled(train_qformer):
             queries = model.qformer.encode_image(images[local].to(device))
