@@ -16,8 +16,8 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from vlm.config import LLMConfig, LoraConfig, load_params
-from vlm.models.cell_labels import SPARE_LABEL, cell_names
 from vlm.data.synthetic import ask_questions, image_rng, sample_scene, write_captions
+from vlm.models.cell_labels import SPARE_LABEL, cell_names
 from vlm.models.vlm import VisionLanguageModel
 from vlm.weights.sources import HF_PREPROCESSOR_CONFIG
 

@@ -23,11 +23,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from vlm import distributed
 from vlm.artifacts import atomic_directory
 from vlm.config import LoraConfig
+from vlm.models.cell_labels import labelled_slots
 from vlm.models.packing import PackedRows, pack, turn_attention_mask
 from vlm.models.projector import Projector
 from vlm.models.prompt import IGNORE_INDEX, ChatPrompt, Example
 from vlm.models.qformer import QFormer
-from vlm.models.cell_labels import labelled_slots
 
 # Q-Former parts that only serve the stage-1 losses; the VLM reads queries only, so these stay frozen.
 STAGE1_ONLY = ("word_embeddings", "position_embeddings", "vision_proj", "text_proj", "itm_head", "lm_transform",
@@ -149,17 +149,20 @@ class VisionLanguageModel(nn.Module):
         }
 
     def use_cell_labels(self, on: bool) -> None:
-        """Put each grid cell's name in words before its visual tokens (vlm/models/spatial_prior.py); needs the
-        Q-Former's spatial grid."""
+        """Put each grid cell's name in words before its visual tokens (vlm/models/cell_labels.py); needs the
+        Q-Former's spatial grid, as it is now (call after `qformer.use_spatial_grid`)."""
         grid = self.qformer.config.spatial_grid
         if on and not grid:
             raise ValueError("cell labels name the cells of the Q-Former's spatial grid, and it has none "
                              "(train_vlm.align.spatial_grid: 0); set train_vlm.align.cell_labels: false")
-        self.cell_labels = on
         layout = labelled_slots(self.tokenizer, self.qformer.config.num_queries, grid) if on else []
-        # the label token ids and where the queries go in the visual block; plain queries when empty
+        # the label token ids and where the queries go in the visual block; empty: plain queries, no labels
         self._label_ids = torch.tensor([self.pad_id if t is None else t for t in layout], dtype=torch.long)
         self._is_query = torch.tensor([t is None for t in layout], dtype=torch.bool)
+
+    @property
+    def cell_labels(self) -> bool:
+        return len(self._label_ids) > 0
 
     @property
     def num_visual_tokens(self) -> int:
