@@ -1,4 +1,4 @@
-"""The GPU path on tiny random models: embed, stage 1, stage 2 and generation run on CUDA and agree with the CPU.
+"""The GPU path on tiny random models: embed, stage 1, query alignment, stage 2 and generation run on CUDA and agree with the CPU.
 
     python benchmarks/gpu_smoke.py            # on a machine with a GPU; prints a table, exits 1 on a mismatch
 
@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +43,7 @@ def child(case: str, work: Path, precision: str) -> dict:
 
     import train_worker
     from vlm.config import VLMTrainConfig
+    from vlm.train.align import align_queries
 
     if case == "qformer":
         qformer, metrics = train_worker.run_qformer(work, None)
@@ -55,6 +57,9 @@ def child(case: str, work: Path, precision: str) -> dict:
     config = VLMTrainConfig(epochs=1.0, batch_size=4, lr=1e-3, projector_lr=1e-3, qformer_lr=1e-3,
                             warmup_steps=1, precision=precision, log_every=1, checkpoint_every=0)
     embeddings = train_worker.tiny_embeddings(dataset)
+    # The query alignment first, as the stage runs it (it once indexed the LLM's embedding matrix on the CPU)
+    align = replace(config.align, steps=3, spatial_grid=0, target="caption", batch_size=4)
+    out.update(align_queries(model, embeddings, dataset, replace(config, align=align), None))
     metrics = train_worker.train_vlm(model, embeddings, dataset, train_worker.LLMConfig(), config, None)
     out["param_device"] = str(next(p for p in model.parameters() if p.requires_grad).device)
     out["caption"] = model.generate(embeddings.tokens[:2].float(), ["Describe the image."] * 2, 6)

@@ -155,11 +155,11 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
                              "embedding; set train_vlm.align.steps: 0 for a dataset without captions")
         targets = caption_targets(model.tokenizer, captions, model.qformer.config.num_queries)
     device = distributed.device()
+    model.to(device).train()  # first: the embedding matrix below must come from the model on its device
     vocab = torch.tensor(sorted({t for ids in targets.values() for t in ids if t != IGNORE_INDEX}), device=device)
     embedding_matrix = model.llm.get_input_embeddings().weight.detach().float()  # once, not per step
     batch_size = min(align.batch_size, len(targets))
     local = distributed.local_slice(batch_size)
-    model.to(device).train()
 
     train_qformer = align.qformer_lr > 0
     if not (train_qformer and align.dropout):
