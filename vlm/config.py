@@ -300,7 +300,7 @@ class VLMTrainConfig(TrainConfig):
     """
 
     epochs: float = 0.25
-    batch_size: int = 8
+    batch_size: int = 4
     lr: float = 4e-3
     projector_lr: float = 5e-4
     qformer_lr: float = 0.0  # 0 freezes the Q-Former (no gradient is computed for it)
