@@ -80,7 +80,11 @@ class EmbeddingWriter:
         self.row_group_size = row_group_size
         self.allow_empty = allow_empty
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = pq.ParquetWriter(self.tmp_path, self.schema, compression="zstd")
+        # Dictionary encoding and min/max statistics only for the ids: on the fp16 values they buy nothing (no
+        # repeats, no use for a min/max) and made writing 4x and reading 5x slower (1.85 s and 0.70 s a 512-image
+        # DINOv2-S shard at 112 px, against 0.45 s and 0.13 s; the file is 3% smaller, not larger).
+        self._writer = pq.ParquetWriter(self.tmp_path, self.schema, compression="zstd", use_dictionary=["image_id"],
+                                        write_statistics=["image_id"])
         self._pending_ids: list[str] = []
         self._pending: list[np.ndarray] = []
         self.rows = 0
