@@ -136,7 +136,7 @@ def vlm_step_flops(model: nn.Module, image_tokens: int, rows: Sequence[Sequence[
     """Model FLOPs of `VisionLanguageModel.forward(image_embeds, rows)` + backward, one row per image."""
     images = len(rows)
     num_queries = model.qformer.config.num_queries
-    shared = len(model.prompt.prefix_ids) + model.num_visual_tokens  # the queries, and the cell labels if on
+    shared = model.num_shared_tokens  # system turn + visual block (the queries, and the cell labels if on)
     turn_lengths = [[t.num_tokens for t in turns] for turns in rows]
     llm_tokens = sum(shared + sum(lengths) for lengths in turn_lengths)
     target_tokens = sum(len(t.answer_ids) for turns in rows for t in turns)

@@ -83,7 +83,7 @@ def run(ws: Workspace, images: int, vlm_dir: Path | None = None, repeats: int = 
 
     single_out, batched_out = outputs[single.batch_size], outputs[batched.batch_size]
     single_tokens, batched_tokens = tokens(single_out), tokens(batched_out)
-    shared = len(model.prompt.prefix_ids) + model.num_visual_tokens  # system turn + visual tokens
+    shared = model.num_shared_tokens  # system turn + visual block
     prompt_tokens = sum(shared + len(model.prompt.user_ids(task.instruction)) for task in captions + questions)
     same = sum(a == b for a, b in zip(single_out, batched_out)) / len(single_out)
     value = rate_ratio(batched_tokens, batched_s, single_tokens, single_s)

@@ -1,4 +1,5 @@
-"""The GPU path on tiny random models: embed, stage 1, query alignment, stage 2 and generation run on CUDA and agree with the CPU.
+"""The GPU path on tiny random models: embed, stage 1, query alignment, stage 2 and generation run on CUDA and
+agree with the CPU.
 
     python benchmarks/gpu_smoke.py            # on a machine with a GPU; prints a table, exits 1 on a mismatch
 

@@ -169,6 +169,11 @@ class VisionLanguageModel(nn.Module):
         """Tokens of the visual block: the queries, and the cell labels between them."""
         return len(self._label_ids) if self.cell_labels else self.qformer.config.num_queries
 
+    @property
+    def num_shared_tokens(self) -> int:
+        """Tokens every turn of a row sees before its own: the system turn and the visual block."""
+        return len(self.prompt.prefix_ids) + self.num_visual_tokens
+
     # ------------------------------------------------------------------ forward
 
     def query_tokens(self, image_embeds: torch.Tensor) -> torch.Tensor:
@@ -206,7 +211,7 @@ class VisionLanguageModel(nn.Module):
         context = getattr(self.base_llm.config, "max_position_embeddings", None)
         if context is None:
             return
-        shared = len(self.prompt.prefix_ids) + self.num_visual_tokens
+        shared = self.num_shared_tokens
         for turns in rows:
             for turn in turns:
                 length = shared + turn.num_tokens
