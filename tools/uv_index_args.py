@@ -9,31 +9,35 @@ line for the keys uv shares with pip: index-url, extra-index-url, find-links, co
 
 from __future__ import annotations
 
-import shlex
+import ast
 import subprocess
 import sys
 
 SHARED_KEYS = ("index-url", "extra-index-url", "find-links", "constraint")
 
 
-def pip_settings() -> dict[str, list[str]]:
-    listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
-                             check=True).stdout
+def parse_pip_config(listing: str) -> dict[str, list[str]]:
+    """`pip config list` output -> {shared key: values}; a key set in several places keeps its last value."""
     settings: dict[str, list[str]] = {}
     for line in listing.splitlines():
         name, _, value = line.partition("=")
         key = name.rpartition(".")[2]  # "global.find-links", ":env:.find-links", "install.constraint"
         if key in SHARED_KEYS:
-            settings[key] = shlex.split(shlex.split(value)[0]) if value else []  # a quoted, space-separated list
+            settings[key] = ast.literal_eval(value).split()  # pip prints repr() of a whitespace-separated list
     return settings
 
 
-def main() -> None:
-    settings = pip_settings()
+def uv_options(settings: dict[str, list[str]]) -> list[str]:
     options = [f"--{key}={value}" for key in SHARED_KEYS for value in settings.get(key, [])]
     if settings.get("extra-index-url"):
         options.append("--index-strategy=unsafe-best-match")  # pip's rule: the best version from any index
-    print("\n".join(options))
+    return options
+
+
+def main() -> None:
+    listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                             check=True).stdout
+    print("\n".join(uv_options(parse_pip_config(listing))))
 
 
 if __name__ == "__main__":
