@@ -309,7 +309,7 @@ class VLMTrainConfig(TrainConfig):
     log_every: int = 5
     # "token": every answer token weighs the same (a 40-token caption outweighs a one-word answer 20 to 1);
     # "turn": each turn's tokens are averaged first, so every caption and every answer weighs the same.
-    loss_average: Literal["token", "turn"] = "token"
+    loss_average: Literal["token", "turn"] = "turn"
     align: AlignConfig = field(default_factory=AlignConfig)
 
 
