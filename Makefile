@@ -13,12 +13,13 @@ unexport PYTHONDONTWRITEBYTECODE
 
 # Reinstall only when the dependency list changes. The project is installed editable, so code edits need nothing.
 # uv installs in ~30 s what takes pip ~2.5 min; it is told where pip gets its packages (tools/uv_index_args.py).
-# Should uv fail (or fail to install), pip does the install.
+# Should uv fail (or fail to install, or pip's sources fail to read), pip does the install.
 UV := uv==0.13.9
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	{ $(BIN)/python -m pip install --quiet "$(UV)" && \
-	  $(BIN)/uv pip install --quiet --python $(BIN)/python $$($(BIN)/python tools/uv_index_args.py) -e ".[test]"; } \
+	  sources=$$($(BIN)/python tools/uv_index_args.py) && \
+	  $(BIN)/uv pip install --quiet --python $(BIN)/python $$sources -e ".[test]"; } \
 		|| $(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
