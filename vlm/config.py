@@ -254,7 +254,7 @@ class QFormerTrainConfig(TrainConfig):
 class AlignConfig:
     """Query alignment before stage 2 (vlm/train/align.py): visual tokens learn to spell a reference caption."""
 
-    steps: int = 250  # 0 skips it
+    steps: int = 400  # 0 skips it
     # > 0: from the alignment on, each query attends around its cell of a G x G grid over the image
     # (vlm/models/spatial_prior.py); stage 1 keeps BLIP-2's plain queries. 0: plain queries throughout.
     spatial_grid: int = 3
