@@ -132,18 +132,22 @@ def qformer_image_flops(qformer: nn.Module, images: int, image_tokens: int) -> t
     return linear, attention, flowing
 
 
-def vlm_step_flops(model: nn.Module, image_tokens: int, rows: Sequence[Sequence[Example]]) -> StepFlops:
-    """Model FLOPs of `VisionLanguageModel.forward(image_embeds, rows)` + backward, one row per image."""
+def vlm_step_flops(model: nn.Module, image_tokens: int, rows: Sequence[Sequence[Example]],
+                   visual_tokens: Sequence[int] | None = None) -> StepFlops:
+    """Model FLOPs of `VisionLanguageModel.forward(image_embeds, rows)` + backward, one row per image.
+    `visual_tokens`: the length of each row's visual block, where empty cells are left out (default: all of it)."""
     images = len(rows)
     num_queries = model.qformer.config.num_queries
-    shared = model.num_shared_tokens  # system turn + visual block (the queries, and the cell labels if on)
+    if visual_tokens is None:
+        visual_tokens = [model.num_visual_tokens] * images  # the queries, and the cell labels if on
+    shared = [len(model.prompt.prefix_ids) + count for count in visual_tokens]  # + the system turn
     turn_lengths = [[t.num_tokens for t in turns] for turns in rows]
-    llm_tokens = sum(shared + sum(lengths) for lengths in turn_lengths)
+    llm_tokens = sum(row_shared + sum(lengths) for row_shared, lengths in zip(shared, turn_lengths))
     target_tokens = sum(len(t.answer_ids) for turns in rows for t in turns)
     base = model.llm.get_base_model()
     config = base.config
     width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
-    pairs = sum(packed_pairs(shared, lengths) for lengths in turn_lengths)
+    pairs = sum(packed_pairs(row_shared, lengths) for row_shared, lengths in zip(shared, turn_lengths))
     qformer_linear, qformer_attention, flowing = qformer_image_flops(model.qformer, images, image_tokens)
     first, *rest = _linears(model.projector)
     projector = _one(first, images * num_queries, flowing)

@@ -27,6 +27,7 @@ import torch
 from benchmarks.harness import Figure, ForwardClock, rate_ratio, ratio, side_by_side
 from benchmarks.workspace import Workspace
 from vlm.config import EvalConfig
+from vlm.data.embeddings import gather
 from vlm.eval.run import predict
 from vlm.models.vlm import VisionLanguageModel
 from vlm.train.stage2 import load_tasks
@@ -83,8 +84,12 @@ def run(ws: Workspace, images: int, vlm_dir: Path | None = None, repeats: int = 
 
     single_out, batched_out = outputs[single.batch_size], outputs[batched.batch_size]
     single_tokens, batched_tokens = tokens(single_out), tokens(batched_out)
-    shared = model.num_shared_tokens  # system turn + visual block
-    prompt_tokens = sum(shared + len(model.prompt.user_ids(task.instruction)) for task in captions + questions)
+    image_ids = sorted({task.image_id for task in captions + questions})
+    with torch.no_grad():  # each image's visual block: shorter where empty cells are left out
+        _, read = model.visual_block(gather(embeddings, image_ids).float())
+    shared = {i: len(model.prompt.prefix_ids) + int(n) for i, n in zip(image_ids, read.sum(1))}  # + system turn
+    prompt_tokens = sum(shared[task.image_id] + len(model.prompt.user_ids(task.instruction))
+                        for task in captions + questions)
     same = sum(a == b for a, b in zip(single_out, batched_out)) / len(single_out)
     value = rate_ratio(batched_tokens, batched_s, single_tokens, single_s)
     return Figure(

@@ -113,6 +113,7 @@ def test_alignment_teaches_the_visual_tokens_to_spell_their_captions(tmp_path: P
     after = slot_accuracy()
     assert after > max(0.8, before + 0.5), (before, after)
     assert set(metrics) == {"align_loss", "align_ce", "align_distance", "align_accuracy"}
+    assert model.empty_cells is None  # caption targets: no cell, and no slot learns to name "none"
     for name, parameter in model.llm.named_parameters():  # the LLM and LoRA are not part of the alignment
         assert torch.equal(parameter, frozen_before[name]), name
 

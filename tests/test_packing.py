@@ -73,3 +73,17 @@ def test_a_layout_moves_to_a_device_whole() -> None:
     assert all(getattr(moved, name).device.type == "meta"
                for name in ("ids", "is_visual", "segments", "position_ids", "labels"))
     assert moved.ids.shape == layout.ids.shape
+
+
+def test_rows_may_have_visual_blocks_of_their_own_length() -> None:
+    """With empty cells left out, each image's visual block has its own length; its turns start after it."""
+    layout = pack(PREFIX, [3, 1], [[TURN_A], [TURN_A]], PAD, left_pad=False)
+    assert layout.is_visual.sum(1).tolist() == [3, 1]
+    assert layout.position_ids[0].tolist() == list(range(9))
+    assert layout.position_ids[1].tolist() == list(range(7)) + [0, 0]
+    assert layout.segments[1].tolist() == [SHARED] * 3 + [1] * 4 + [PADDING] * 2
+    assert layout.labels[1].tolist() == [IGNORE_INDEX] * 5 + [12, 99] + [IGNORE_INDEX] * 2
+    left = pack(PREFIX, [3, 1], [[TURN_A], [TURN_A]], PAD, left_pad=True)
+    assert left.attention_mask[1].tolist() == [0, 0] + [1] * 7
+    with pytest.raises(ValueError, match="2 visual-token counts for 1 rows"):
+        pack(PREFIX, [3, 1], [[TURN_A]], PAD, left_pad=False)

@@ -103,6 +103,13 @@ def test_grid_alignment_teaches_each_cells_queries_their_object(tmp_path: Path) 
     align_queries(model, embeddings, tmp_path / "train.parquet", config, log_dir=None)
     assert model.qformer.config.spatial_grid == 2  # the queries keep their cells in the saved model
     assert slot_accuracy() > max(0.8, before + 0.5), (before, slot_accuracy())
+    # the LLM will read only the cells the slots find occupied: those are the cells that hold an object
+    truly_empty = torch.tensor([[targets[i][cell * 3] == model.empty_cells.none_ids[0] for cell in range(4)]
+                                for i in ids])
+    with torch.no_grad():
+        found_empty = model.empty_cells.empty(model.query_tokens(gather(embeddings, ids).float()),
+                                              model.llm.get_input_embeddings().weight, model._query_cell, 4)
+    assert truly_empty.any() and (found_empty == truly_empty).float().mean() > 0.8
     plain = [{k: v for k, v in r.items() if k != "regions"} for r in records]
     write_split(plain, tmp_path / "plain.parquet")
     with pytest.raises(ValueError, match="target: caption"):

@@ -265,6 +265,10 @@ class AlignConfig:
     # The LLM reads each grid cell's place in words ("top left") before the cell's visual tokens
     # (vlm/models/cell_labels.py). Without a grid (spatial_grid 0) there is nothing to name and it does nothing.
     cell_labels: bool = True
+    # The cells whose slots all name " none" are left out of the LLM's prompt, label and slots
+    # (vlm/models/empty_cells.py): most cells are empty, so prompts get shorter. Only with target "grid" (the
+    # slots of an empty cell learn to name "none") and cell labels (they say which cells remain); else it does nothing.
+    drop_empty_cells: bool = True
     caption: int = 0  # target caption: which of an image's reference captions to spell (0 = the first)
     batch_size: int = 32
     lr: float = 1e-3  # the projector's (new)

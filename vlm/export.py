@@ -101,6 +101,8 @@ def model_card(name: str, config: dict[str, Any], model: VisionLanguageModel, pr
     visual_block = f"{qformer.num_queries} visual tokens"
     if model.cell_labels:
         visual_block += f", each grid cell's name in words before its own ({model.num_visual_tokens} tokens in all)"
+    if model.empty_cells is not None:
+        visual_block += "; the cells whose tokens all name 'none' are left out, label and tokens"
     lines = [
         f"# {name}",
         "",

@@ -43,22 +43,26 @@ class PackedRows:
         return (self.segments != PADDING).long()
 
 
-def pack(prefix_ids: Sequence[int], num_visual: int, rows: Sequence[Sequence[Example]], pad_id: int,
-         left_pad: bool) -> PackedRows:
-    """Lay out `rows` (each: the turns about one image) with right padding, or left padding for generation."""
+def pack(prefix_ids: Sequence[int], num_visual: int | Sequence[int], rows: Sequence[Sequence[Example]],
+         pad_id: int, left_pad: bool) -> PackedRows:
+    """Lay out `rows` (each: the turns about one image) with right padding, or left padding for generation.
+    `num_visual`: the visual tokens of every row, or of each row (with empty cells left out they differ)."""
     if any(not turns for turns in rows):
         raise ValueError("every row needs at least one turn")
+    visual = [num_visual] * len(rows) if isinstance(num_visual, int) else list(num_visual)
+    if len(visual) != len(rows):
+        raise ValueError(f"{len(visual)} visual-token counts for {len(rows)} rows")
     if left_pad and any(len(turns) > 1 for turns in rows):
         raise ValueError("left padding is for generation, which takes one turn per row")
-    shared = len(prefix_ids) + num_visual
-    lengths = [shared + sum(turn.num_tokens for turn in turns) for turns in rows]
+    shared_lengths = [len(prefix_ids) + count for count in visual]
+    lengths = [shared + sum(turn.num_tokens for turn in turns) for shared, turns in zip(shared_lengths, rows)]
     batch, length = len(rows), max(lengths)
     ids = torch.full((batch, length), pad_id, dtype=torch.long)
     is_visual = torch.zeros(batch, length, dtype=torch.bool)
     segments = torch.full((batch, length), PADDING, dtype=torch.long)
     position_ids = torch.zeros(batch, length, dtype=torch.long)
     labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
-    for row, (turns, row_length) in enumerate(zip(rows, lengths)):
+    for row, (turns, shared, row_length) in enumerate(zip(rows, shared_lengths, lengths)):
         start = length - row_length if left_pad else 0
         ids[row, start:start + len(prefix_ids)] = torch.tensor(prefix_ids, dtype=torch.long)
         is_visual[row, start + len(prefix_ids):start + shared] = True

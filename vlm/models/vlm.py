@@ -24,10 +24,12 @@ from vlm import distributed
 from vlm.artifacts import atomic_directory
 from vlm.config import LoraConfig
 from vlm.models.cell_labels import labelled_slots
+from vlm.models.empty_cells import EmptyCellRule
 from vlm.models.packing import PackedRows, pack, turn_attention_mask
 from vlm.models.projector import Projector
 from vlm.models.prompt import IGNORE_INDEX, ChatPrompt, Example
 from vlm.models.qformer import QFormer
+from vlm.models.spatial_prior import query_cells
 
 # Q-Former parts that only serve the stage-1 losses; the VLM reads queries only, so these stay frozen.
 STAGE1_ONLY = ("word_embeddings", "position_embeddings", "vision_proj", "text_proj", "itm_head", "lm_transform",
@@ -38,7 +40,8 @@ ADAPTER_SUBDIR, LLM_SUBDIR = "adapter", "llm"
 
 class VisionLanguageModel(nn.Module):
     def __init__(self, qformer: QFormer, projector: Projector, llm: PeftModel | PreTrainedModel, tokenizer,
-                 system_prompt: str, llm_source: str, cell_labels: bool = False):
+                 system_prompt: str, llm_source: str, cell_labels: bool = False,
+                 empty_cells: EmptyCellRule | None = None):
         super().__init__()
         self.qformer, self.projector, self.llm = qformer, projector, llm
         self.tokenizer = tokenizer
@@ -46,6 +49,7 @@ class VisionLanguageModel(nn.Module):
         self.llm_source = llm_source  # folder of the frozen base LLM, recorded so `load` can find it again
         self._freeze_stage1_heads()
         self.use_cell_labels(cell_labels)
+        self.drop_empty_cells(empty_cells)
 
     # ------------------------------------------------------------------ construction
 
@@ -82,8 +86,9 @@ class VisionLanguageModel(nn.Module):
         projector = Projector(**config["projector"])
         projector.load_state_dict(load_file(model_dir / "projector.safetensors"))
         qformer = QFormer.load(model_dir / "qformer")
+        empty_cells = EmptyCellRule.from_dict(config["empty_cells"]) if config.get("empty_cells") else None
         return cls(qformer, projector, llm, tokenizer, config["system_prompt"], config["llm_source"],
-                   cell_labels=config.get("cell_labels", False)).eval()
+                   cell_labels=config.get("cell_labels", False), empty_cells=empty_cells).eval()
 
     def save(self, out_dir: Path) -> None:
         """Q-Former, projector and LoRA adapter (peft format) into one folder, atomically."""
@@ -111,7 +116,8 @@ class VisionLanguageModel(nn.Module):
                 shutil.copytree(self.llm_source, folder / LLM_SUBDIR)
         config = {"projector": self.projector.config(), "system_prompt": self.prompt.system_prompt,
                   "llm_source": LLM_SUBDIR if include_llm else self.llm_source,
-                  "lora": "merged" if merged else "adapter", "cell_labels": self.cell_labels}
+                  "lora": "merged" if merged else "adapter", "cell_labels": self.cell_labels,
+                  "empty_cells": self.empty_cells.to_dict() if self.empty_cells else None}
         (folder / VLM_CONFIG).write_text(json.dumps(config, indent=2))
 
     def merge_lora(self) -> None:
@@ -159,6 +165,21 @@ class VisionLanguageModel(nn.Module):
         # the label token ids and where the queries go in the visual block; empty: plain queries, no labels
         self._label_ids = torch.tensor([self.pad_id if t is None else t for t in layout], dtype=torch.long)
         self._is_query = torch.tensor([t is None for t in layout], dtype=torch.bool)
+        # the grid cell of every position of the block (a label belongs to the queries after it; -1: no cell)
+        cells = query_cells(self.qformer.config.num_queries, grid) if on else []
+        queries_before = (self._is_query.cumsum(0) - self._is_query.long()).tolist()
+        self._position_cell = torch.tensor([-1 if cells[q] is None else cells[q] for q in queries_before],
+                                           dtype=torch.long)
+        self._query_cell = torch.tensor([-1 if c is None else c for c in cells], dtype=torch.long)
+        self.empty_cells = None  # a new layout: any rule for leaving cells out must be set again
+
+    def drop_empty_cells(self, rule: EmptyCellRule | None) -> None:
+        """Leave the cells whose slots all name " none" out of the visual block, label and slots
+        (vlm/models/empty_cells.py); None reads every cell. Needs the cell labels (call after `use_cell_labels`)."""
+        if rule is not None and not self.cell_labels:
+            raise ValueError("only labelled cells can be left out (the labels say which cells remain); set "
+                             "train_vlm.align.cell_labels: true, or train_vlm.align.drop_empty_cells: false")
+        self.empty_cells = rule
 
     @property
     def cell_labels(self) -> bool:
@@ -166,7 +187,8 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def num_visual_tokens(self) -> int:
-        """Tokens of the visual block: the queries, and the cell labels between them."""
+        """Tokens of the whole visual block: the queries, and the cell labels between them (with empty cells
+        left out, a row's block is shorter)."""
         return len(self._label_ids) if self.cell_labels else self.qformer.config.num_queries
 
     @property
@@ -183,12 +205,29 @@ class VisionLanguageModel(nn.Module):
     def visual_tokens(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """[B, T, D_image] cached patch embeddings -> [B, V, D_llm] the visual block for the LLM: the query
         tokens, with the cell labels' word embeddings between them when `cell_labels` is on."""
-        queries = self.query_tokens(image_embeds)
+        return self._with_labels(self.query_tokens(image_embeds))
+
+    def _with_labels(self, queries: torch.Tensor) -> torch.Tensor:
         if not self.cell_labels:
             return queries
         labels = self.llm.get_input_embeddings()(self._label_ids.to(queries.device)).to(queries.dtype)
         is_query = self._is_query.to(queries.device)[None, :, None]
         return labels.expand(len(queries), -1, -1).masked_scatter(is_query, queries)
+
+    def visual_block(self, image_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, V, D_llm] `visual_tokens`, [B, V] True where the LLM reads the token): every token, or with
+        `empty_cells` all but those of the cells found empty."""
+        queries = self.query_tokens(image_embeds)
+        tokens = self._with_labels(queries)
+        keep = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        if self.empty_cells is None:
+            return tokens, keep
+        grid = self.qformer.config.spatial_grid
+        empty = self.empty_cells.empty(queries, self.llm.get_input_embeddings().weight,
+                                       self._query_cell.to(tokens.device), grid * grid)  # [B, cells]
+        cell = self._position_cell.to(tokens.device)
+        dropped = empty[:, cell.clamp(min=0)] & (cell >= 0)  # [B, V]
+        return tokens, ~dropped
 
     def build_inputs(self, image_embeds: torch.Tensor, rows: Sequence[Sequence[Example]], left_pad: bool
                      ) -> tuple[torch.Tensor, PackedRows]:
@@ -198,10 +237,10 @@ class VisionLanguageModel(nn.Module):
         Left padding for generation (one turn per row, all rows end together), right padding for training.
         """
         self._check_context(rows, image_embeds.shape[0])
-        visual = self.visual_tokens(image_embeds)
-        layout = pack(self.prompt.prefix_ids, visual.shape[1], rows, self.pad_id, left_pad).to(visual.device)
+        visual, keep = self.visual_block(image_embeds)
+        layout = pack(self.prompt.prefix_ids, keep.sum(1).tolist(), rows, self.pad_id, left_pad).to(visual.device)
         embeds = self.llm.get_input_embeddings()(layout.ids).to(visual.dtype)
-        embeds = embeds.masked_scatter(layout.is_visual[..., None], visual.reshape(-1, visual.shape[-1]))
+        embeds = embeds.masked_scatter(layout.is_visual[..., None], visual[keep])  # row by row, in order
         return embeds, layout
 
     def _check_context(self, rows: Sequence[Sequence[Example]], batch: int) -> None:
@@ -285,25 +324,47 @@ class VisionLanguageModel(nn.Module):
 
         Row layout: the shared part (cached: its ids are placeholders that never get embedded), left padding,
         then the user turn. The mask skips the padding, so positions run on from the shared part exactly as in
-        a row without padding (generation derives position ids from the mask).
+        a row without padding (generation derives position ids from the mask). With empty cells left out the
+        images' shared parts differ in length: each is left-padded to the longest, masked the same way.
         """
         self._check_context(rows, len(rows))  # `build_inputs` checks the rows of the other path
         prefix_ids = torch.tensor(self.prompt.prefix_ids, device=image_embeds.device)
         system = self.llm.get_input_embeddings()(prefix_ids)
-        visual = self.visual_tokens(image_embeds)
-        shared = torch.cat([system.to(visual.dtype).expand(len(visual), -1, -1), visual], dim=1)
+        visual, keep = self.visual_block(image_embeds)
+        tokens = torch.cat([system.to(visual.dtype).expand(len(visual), -1, -1), visual], dim=1)
+        keep = torch.cat([keep.new_ones(len(keep), len(prefix_ids)), keep], dim=1)
+        shared, shared_mask = _right_aligned(tokens, keep)
         # logits_to_keep=1: the vocabulary projection of the shared tokens would be thrown away
-        cache = self.base_llm(inputs_embeds=shared, use_cache=True, logits_to_keep=1).cache
+        if bool(shared_mask.all()):
+            cache = self.base_llm(inputs_embeds=shared, use_cache=True, logits_to_keep=1).cache
+        else:
+            positions = (shared_mask.cumsum(1) - 1).clamp(min=0)
+            cache = self.base_llm(inputs_embeds=shared, attention_mask=shared_mask, position_ids=positions,
+                                  use_cache=True, logits_to_keep=1).cache
         cache.batch_select_indices(image_index)
         users = [turns[0].user_ids for turns in rows]
         width, length = max(map(len, users)), shared.shape[1]
         ids = torch.full((len(users), length + width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        mask[:, :length] = 1
+        mask[:, :length] = shared_mask[image_index].cpu()
         for row, user in enumerate(users):
             ids[row, length + width - len(user):] = torch.tensor(user)
             mask[row, length + width - len(user):] = 1
         return ids.to(image_embeds.device), mask.to(image_embeds.device), cache
+
+
+def _right_aligned(tokens: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """tokens [B, S, D], keep [B, S] -> ([B, S', D] each row's kept tokens in order, left-padded with zeros to the
+    longest row's S', [B, S'] attention mask: 1 on the kept tokens)."""
+    lengths = keep.sum(1)
+    width = int(lengths.max())
+    destination = keep.cumsum(1) - 1 + (width - lengths)[:, None]
+    rows = torch.arange(len(keep), device=keep.device)[:, None].expand_as(keep)
+    aligned = tokens.new_zeros(len(keep), width, tokens.shape[-1])
+    aligned[rows[keep], destination[keep]] = tokens[keep]
+    mask = torch.zeros(len(keep), width, dtype=torch.long, device=keep.device)
+    mask[rows[keep], destination[keep]] = 1
+    return aligned, mask
 
 
 def _sort_target_modules(adapter_config: Path) -> None:

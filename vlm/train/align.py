@@ -35,6 +35,7 @@ from vlm import distributed
 from vlm.config import VLMTrainConfig
 from vlm.data.dataset_io import read_split
 from vlm.data.embeddings import Embeddings, available, gather
+from vlm.models.empty_cells import EMPTY_CELL, EmptyCellRule
 from vlm.models.prompt import IGNORE_INDEX
 from vlm.models.spatial_prior import queries_per_cell, query_cells, region_cell
 from vlm.models.vlm import VisionLanguageModel
@@ -49,9 +50,6 @@ def caption_targets(tokenizer, captions: dict[str, str], num_slots: int) -> dict
         ids = tokenizer(caption, add_special_tokens=False)["input_ids"][:num_slots]
         targets[image_id] = ids + [IGNORE_INDEX] * (num_slots - len(ids))
     return targets
-
-
-EMPTY_CELL = "none"  # what the queries of a cell with no object name
 
 
 def grid_targets(tokenizer, regions: dict[str, list[dict]], num_slots: int, grid: int) -> dict[str, list[int]]:
@@ -185,4 +183,8 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
     final = train(groups, step_losses, batches, align.steps, loop_config, log_dir, description="align",
                   checkpointer=checkpointer)
     model.eval()
+    if align.drop_empty_cells and align.target == "grid" and model.cell_labels:
+        # from here on, the cells whose slots all name " none" are left out of the LLM's prompt
+        none_ids = model.tokenizer(" " + EMPTY_CELL, add_special_tokens=False)["input_ids"]
+        model.drop_empty_cells(EmptyCellRule(tuple(none_ids), tuple(vocab.tolist())))
     return {f"align_{name}": round(value, 4) for name, value in final.items()}

@@ -1,0 +1,54 @@
+"""Empty cells left out: the LLM reads only the grid cells that hold something.
+
+After the grid alignment (vlm/train/align.py, `target: grid`) every query slot of an empty cell names " none".
+Most cells are empty (a scene has 1-4 objects in 9 cells), so with `train_vlm.align.drop_empty_cells` a cell
+whose slots all name " none" is left out of the visual block, its label with it:
+
+    " top left" q q q  " bottom" q q q  " count" q q q q q      instead of all nine cells
+
+The decision is the model's own, made the way the alignment scores its slots: a slot names the token of the
+alignment's vocabulary (the words the slots were trained to name) whose LLM embedding has the largest dot product
+with it. It is the same in training and at inference, and it takes no gradient. Leaving out a cell that holds an
+object would hide that object, so a cell goes only when all of its slots say " none".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+EMPTY_CELL = "none"  # what the queries of a cell with no object name
+
+
+@dataclass(frozen=True)
+class EmptyCellRule:
+    """Which cells of the grid are empty, from the slots themselves."""
+
+    none_ids: tuple[int, ...]  # the token ids of " none" (one for most tokenizers)
+    vocab: tuple[int, ...]  # the token ids the slots were aligned to name (" none" among them)
+
+    def __post_init__(self) -> None:
+        if not set(self.none_ids) <= set(self.vocab):
+            raise ValueError(f"empty-cell rule: the tokens of ' {EMPTY_CELL}' {self.none_ids} are not all in the slot "
+                             "vocabulary")
+
+    def to_dict(self) -> dict:
+        return {"none_ids": list(self.none_ids), "vocab": list(self.vocab)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> EmptyCellRule:
+        return cls(tuple(int(t) for t in values["none_ids"]), tuple(int(t) for t in values["vocab"]))
+
+    @torch.no_grad()
+    def empty(self, queries: torch.Tensor, embedding_matrix: torch.Tensor, query_cell: torch.Tensor,
+              num_cells: int) -> torch.Tensor:
+        """queries [B, Q, D] (projected into the LLM's embedding space), embedding_matrix [V, D] the LLM's input
+        embeddings, query_cell [Q] each query's cell (-1: none) -> [B, num_cells] True where every slot of the
+        cell names " none"."""
+        vocab = torch.tensor(self.vocab, device=queries.device)
+        words = vocab[(queries.float() @ embedding_matrix[vocab].float().T).argmax(-1)]  # [B, Q]
+        names_none = torch.isin(words, torch.tensor(self.none_ids, device=words.device)).float()
+        in_cell = (query_cell[:, None] == torch.arange(num_cells, device=query_cell.device)[None]).float()  # [Q, C]
+        slots = in_cell.sum(0)
+        return (names_none @ in_cell == slots) & (slots > 0)
