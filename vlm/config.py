@@ -267,7 +267,8 @@ class AlignConfig:
     cell_labels: bool = True
     # The cells whose slots all name " none" are left out of the LLM's prompt, label and slots
     # (vlm/models/empty_cells.py): most cells are empty, so prompts get shorter. Only with target "grid" (the
-    # slots of an empty cell learn to name "none") and cell labels (they say which cells remain); else it does nothing.
+    # slots of an empty cell learn to name "none") and cell labels (they say which cells remain); else, or when no
+    # training image has an empty cell, it does nothing.
     drop_empty_cells: bool = True
     caption: int = 0  # target caption: which of an image's reference captions to spell (0 = the first)
     batch_size: int = 32

@@ -183,8 +183,9 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
     final = train(groups, step_losses, batches, align.steps, loop_config, log_dir, description="align",
                   checkpointer=checkpointer)
     model.eval()
-    if align.drop_empty_cells and align.target == "grid" and model.cell_labels:
+    none_ids = model.tokenizer(" " + EMPTY_CELL, add_special_tokens=False)["input_ids"]
+    learnt_none = set(none_ids) <= set(vocab.tolist())  # False when every training image fills every cell
+    if align.drop_empty_cells and align.target == "grid" and model.cell_labels and learnt_none:
         # from here on, the cells whose slots all name " none" are left out of the LLM's prompt
-        none_ids = model.tokenizer(" " + EMPTY_CELL, add_special_tokens=False)["input_ids"]
         model.drop_empty_cells(EmptyCellRule(tuple(none_ids), tuple(vocab.tolist())))
     return {f"align_{name}": round(value, 4) for name, value in final.items()}
