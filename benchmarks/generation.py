@@ -86,7 +86,8 @@ def run(ws: Workspace, images: int, vlm_dir: Path | None = None, repeats: int = 
     single_tokens, batched_tokens = tokens(single_out), tokens(batched_out)
     image_ids = sorted({task.image_id for task in captions + questions})
     with torch.no_grad():  # each image's visual block: shorter where empty cells are left out
-        _, read = model.visual_block(gather(embeddings, image_ids).float())
+        device = next(model.projector.parameters()).device
+        _, read = model.visual_block(gather(embeddings, image_ids).float().to(device))
     shared = {i: len(model.prompt.prefix_ids) + int(n) for i, n in zip(image_ids, read.sum(1))}  # + system turn
     prompt_tokens = sum(shared[task.image_id] + len(model.prompt.user_ids(task.instruction))
                         for task in captions + questions)
