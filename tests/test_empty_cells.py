@@ -57,7 +57,7 @@ def test_the_llm_reads_only_the_cells_found_empty_not(tmp_path: Path) -> None:
     with torch.no_grad():
         full = model.visual_tokens(images)
         queries = model.query_tokens(images)
-        empty = model.empty_cells.empty(queries, model.llm.get_input_embeddings().weight, model._query_cell, 4)
+        empty = model.cells_found_empty(queries)
         embeds, packed = model.build_inputs(images, rows, left_pad=False)
         loss = model(images, rows)
     kept_cells = (~empty).sum(1)

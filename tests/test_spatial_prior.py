@@ -107,8 +107,7 @@ def test_grid_alignment_teaches_each_cells_queries_their_object(tmp_path: Path) 
     truly_empty = torch.tensor([[targets[i][cell * 3] == model.empty_cells.none_ids[0] for cell in range(4)]
                                 for i in ids])
     with torch.no_grad():
-        found_empty = model.empty_cells.empty(model.query_tokens(gather(embeddings, ids).float()),
-                                              model.llm.get_input_embeddings().weight, model._query_cell, 4)
+        found_empty = model.cells_found_empty(model.query_tokens(gather(embeddings, ids).float()))
     assert truly_empty.any() and (found_empty == truly_empty).float().mean() > 0.8
     plain = [{k: v for k, v in r.items() if k != "regions"} for r in records]
     write_split(plain, tmp_path / "plain.parquet")

@@ -219,15 +219,17 @@ class VisionLanguageModel(nn.Module):
         `empty_cells` all but those of the cells found empty."""
         queries = self.query_tokens(image_embeds)
         tokens = self._with_labels(queries)
-        keep = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         if self.empty_cells is None:
-            return tokens, keep
-        grid = self.qformer.config.spatial_grid
-        empty = self.empty_cells.empty(queries, self.llm.get_input_embeddings().weight,
-                                       self._query_cell.to(tokens.device), grid * grid)  # [B, cells]
+            return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         cell = self._position_cell.to(tokens.device)
-        dropped = empty[:, cell.clamp(min=0)] & (cell >= 0)  # [B, V]
+        dropped = self.cells_found_empty(queries)[:, cell.clamp(min=0)] & (cell >= 0)  # [B, V]
         return tokens, ~dropped
+
+    def cells_found_empty(self, queries: torch.Tensor) -> torch.Tensor:
+        """[B, Q, D_llm] query tokens -> [B, G * G] True for the grid cells `empty_cells` finds empty."""
+        grid = self.qformer.config.spatial_grid
+        return self.empty_cells.empty(queries, self.llm.get_input_embeddings().weight,
+                                      self._query_cell.to(queries.device), grid * grid)
 
     def build_inputs(self, image_embeds: torch.Tensor, rows: Sequence[Sequence[Example]], left_pad: bool
                      ) -> tuple[torch.Tensor, PackedRows]:
@@ -334,13 +336,10 @@ class VisionLanguageModel(nn.Module):
         tokens = torch.cat([system.to(visual.dtype).expand(len(visual), -1, -1), visual], dim=1)
         keep = torch.cat([keep.new_ones(len(keep), len(prefix_ids)), keep], dim=1)
         shared, shared_mask = _right_aligned(tokens, keep)
+        positions = (shared_mask.cumsum(1) - 1).clamp(min=0)
         # logits_to_keep=1: the vocabulary projection of the shared tokens would be thrown away
-        if bool(shared_mask.all()):
-            cache = self.base_llm(inputs_embeds=shared, use_cache=True, logits_to_keep=1).cache
-        else:
-            positions = (shared_mask.cumsum(1) - 1).clamp(min=0)
-            cache = self.base_llm(inputs_embeds=shared, attention_mask=shared_mask, position_ids=positions,
-                                  use_cache=True, logits_to_keep=1).cache
+        cache = self.base_llm(inputs_embeds=shared, attention_mask=shared_mask, position_ids=positions,
+                              use_cache=True, logits_to_keep=1).cache
         cache.batch_select_indices(image_index)
         users = [turns[0].user_ids for turns in rows]
         width, length = max(map(len, users)), shared.shape[1]
@@ -358,13 +357,9 @@ def _right_aligned(tokens: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tens
     longest row's S', [B, S'] attention mask: 1 on the kept tokens)."""
     lengths = keep.sum(1)
     width = int(lengths.max())
-    destination = keep.cumsum(1) - 1 + (width - lengths)[:, None]
-    rows = torch.arange(len(keep), device=keep.device)[:, None].expand_as(keep)
-    aligned = tokens.new_zeros(len(keep), width, tokens.shape[-1])
-    aligned[rows[keep], destination[keep]] = tokens[keep]
-    mask = torch.zeros(len(keep), width, dtype=torch.long, device=keep.device)
-    mask[rows[keep], destination[keep]] = 1
-    return aligned, mask
+    mask = torch.arange(width, device=keep.device)[None] >= (width - lengths)[:, None]
+    aligned = tokens.new_zeros(len(keep), width, tokens.shape[-1]).masked_scatter(mask[..., None], tokens[keep])
+    return aligned, mask.long()
 
 
 def _sort_target_modules(adapter_config: Path) -> None:
