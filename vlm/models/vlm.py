@@ -25,6 +25,7 @@ from vlm.artifacts import atomic_directory
 from vlm.config import LoraConfig
 from vlm.models.cell_labels import labelled_slots
 from vlm.models.empty_cells import EmptyCellRule
+from vlm.models.greedy import greedy_decode
 from vlm.models.packing import PackedRows, pack, turn_attention_mask
 from vlm.models.projector import Projector
 from vlm.models.prompt import IGNORE_INDEX, ChatPrompt, Example
@@ -291,7 +292,8 @@ class VisionLanguageModel(nn.Module):
     @torch.inference_mode()
     def generate(self, image_embeds: torch.Tensor, instructions: Sequence[str], max_new_tokens: int = 40,
                  num_beams: int = 1, image_index: Sequence[int] | torch.Tensor | None = None) -> list[str]:
-        """Greedy (or beam) decoding, batched with left padding and the KV cache; stops at end-of-turn.
+        """Greedy (or beam) decoding, batched with left padding and the KV cache; stops at end-of-turn (greedy:
+        each row as it ends, `vlm/models/greedy.py`).
 
         Instruction i is about image `image_index[i]` of `image_embeds` (default: image i). Greedy decoding runs
         the shared part of the prompt (system turn + visual tokens) once per image and lets every instruction
@@ -307,10 +309,8 @@ class VisionLanguageModel(nn.Module):
         rows = [[self.prompt.example(text)] for text in instructions]
         if num_beams == 1:
             ids, mask, cache = self._shared_prefix_inputs(image_embeds, image_index, rows)
-            output = self.llm.generate(input_ids=ids, attention_mask=mask, cache=cache,
-                                       max_new_tokens=max_new_tokens, do_sample=False,
-                                       eos_token_id=self.prompt.end_of_turn_id, pad_token_id=self.pad_id)
-            output = output[:, ids.shape[1]:]
+            output = greedy_decode(self.base_llm, ids, mask, cache, max_new_tokens, self.prompt.end_of_turn_id,
+                                   self.pad_id)
         else:
             embeds, layout = self.build_inputs(image_embeds[image_index], rows, left_pad=True)
             output = self.llm.generate(

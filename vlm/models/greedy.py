@@ -1,0 +1,44 @@
+"""Greedy decoding in which a finished row stops costing compute.
+
+`transformers`' `generate` keeps every row of a batch in each forward pass until the last row ends; finished
+rows decode padding. Captions differ in length (on the default test split about 25 tokens, up to 48 allowed),
+so here a row leaves the batch, and its KV cache, at the step it emits end-of-turn. Measured on the default
+model: the 200 test captions took 41 s instead of 55 s, with the same outputs; short VQA answers gain nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.inference_mode()
+def greedy_decode(llm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache,
+                  max_new_tokens: int, eos_id: int, pad_id: int) -> torch.Tensor:
+    """input_ids / attention_mask [B, S]: whole rows, whose first `cache.get_seq_length()` tokens are already in
+    `cache` (a transformers Cache, modified in place; their ids are never read) -> [B, max_new_tokens] the new
+    tokens, end-of-turn included, then `pad_id`. Positions follow the mask (left padding is skipped), as
+    `generate` derives them."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    cached = cache.get_seq_length()
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    logits = llm(input_ids=input_ids[:, cached:], attention_mask=attention_mask, position_ids=positions[:, cached:],
+                 cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    output = torch.full((len(input_ids), max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)
+    rows = torch.arange(len(input_ids), device=input_ids.device)  # the batch's rows still decoding
+    mask = attention_mask
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1)
+        output[rows, step] = token
+        going = token != eos_id
+        if step == max_new_tokens - 1 or not going.any():
+            break
+        if not going.all():
+            keep = going.nonzero().squeeze(1)
+            rows, token, mask = rows[keep], token[keep], mask[keep]
+            cache.batch_select_indices(keep)
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+        logits = llm(input_ids=token[:, None], attention_mask=mask, position_ids=mask.sum(1, keepdim=True) - 1,
+                     cache=cache, use_cache=True).logits[:, -1]
+    return output
