@@ -12,6 +12,12 @@ import torch
 from torch import nn
 
 
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] attention mask -> [B, S] position ids that skip the left padding (0 on it), as `generate` derives
+    them: the cached prefix and the tokens decoded after it must agree on this."""
+    return (attention_mask.cumsum(1) - 1).clamp(min=0)
+
+
 @torch.inference_mode()
 def greedy_decode(llm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache,
                   max_new_tokens: int, eos_id: int, pad_id: int) -> torch.Tensor:
@@ -22,7 +28,7 @@ def greedy_decode(llm: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     cached = cache.get_seq_length()
-    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    positions = mask_positions(attention_mask)
     logits = llm(input_ids=input_ids[:, cached:], attention_mask=attention_mask, position_ids=positions[:, cached:],
                  cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     output = torch.full((len(input_ids), max_new_tokens), pad_id, dtype=torch.long, device=input_ids.device)

@@ -25,7 +25,7 @@ from vlm.artifacts import atomic_directory
 from vlm.config import LoraConfig
 from vlm.models.cell_labels import labelled_slots
 from vlm.models.empty_cells import EmptyCellRule
-from vlm.models.greedy import greedy_decode
+from vlm.models.greedy import greedy_decode, mask_positions
 from vlm.models.packing import PackedRows, pack, turn_attention_mask
 from vlm.models.projector import Projector
 from vlm.models.prompt import IGNORE_INDEX, ChatPrompt, Example
@@ -336,7 +336,7 @@ class VisionLanguageModel(nn.Module):
         tokens = torch.cat([system.to(visual.dtype).expand(len(visual), -1, -1), visual], dim=1)
         keep = torch.cat([keep.new_ones(len(keep), len(prefix_ids)), keep], dim=1)
         shared, shared_mask = _right_aligned(tokens, keep)
-        positions = (shared_mask.cumsum(1) - 1).clamp(min=0)
+        positions = mask_positions(shared_mask)
         # logits_to_keep=1: the vocabulary projection of the shared tokens would be thrown away
         cache = self.base_llm(inputs_embeds=shared, attention_mask=shared_mask, position_ids=positions,
                               use_cache=True, logits_to_keep=1).cache
