@@ -28,7 +28,7 @@ def test_queries_are_dealt_out_cell_by_cell_and_the_rest_get_none() -> None:
 
 def test_bias_peaks_at_each_querys_own_cell() -> None:
     assert patch_grid(65) == (1, 8) and patch_grid(64) == (0, 8) and patch_grid(69) == (5, 8)
-    bias = cross_attention_bias(4, 1 + 16, 2)  # CLS + 4 x 4 patches, 2 x 2 cells of 2 x 2 patches
+    bias = cross_attention_bias(4, 1 + 16, 2, 0.45)  # CLS + 4 x 4 patches, 2 x 2 cells of 2 x 2 patches
     for query, cell in enumerate(query_cells(4, 2)):
         patches = bias[query, 1:].view(4, 4)
         row, col = divmod(int(patches.argmax()), 4)

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from vlm.models.spatial_prior import cross_attention_bias, queries_per_cell
+from vlm.models.spatial_prior import LEGACY_WIDTH_IN_CELLS, cross_attention_bias, queries_per_cell
 
 CONFIG_FILE = "qformer_config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -85,6 +85,8 @@ class QFormerConfig:
     attention_dropout: float = 0.1
     hidden_act: str = "gelu"
     spatial_grid: int = 0  # > 0: each query starts out looking at its cell of a G x G grid (models/spatial_prior.py)
+    # the width of that look (sigma, in cells); the default is what configs saved without the key were trained with
+    spatial_width: float = LEGACY_WIDTH_IN_CELLS
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads != 0:
@@ -284,7 +286,8 @@ class QFormer(nn.Module):
              image_embeds: torch.Tensor | None, image_mask: torch.Tensor | None) -> torch.Tensor:
         cross_mask = None if image_mask is None else image_mask[:, None, :].bool()  # [B, 1, S]: True = visible
         if self.config.spatial_grid and image_embeds is not None and num_queries > 0:
-            bias = cross_attention_bias(num_queries, image_embeds.shape[1], self.config.spatial_grid)
+            bias = cross_attention_bias(num_queries, image_embeds.shape[1], self.config.spatial_grid,
+                                        self.config.spatial_width)
             bias = bias.to(device=image_embeds.device, dtype=image_embeds.dtype)[None]  # [1, Q, S]
             cross_mask = bias if cross_mask is None else bias.masked_fill(~cross_mask, float("-inf"))
         for layer in self.layers:
@@ -297,10 +300,11 @@ class QFormer(nn.Module):
                              f"(config.image_hidden_size), got {tuple(image_embeds.shape)}.")
         return image_embeds.to(device=self.query_tokens.device, dtype=self.query_tokens.dtype)
 
-    def use_spatial_grid(self, grid: int) -> None:
-        """From now on each query attends around its cell of a grid x grid grid (0: plain queries); the setting is
-        saved with the config, which checks it (ValueError when there are fewer queries than cells)."""
-        self.config = replace(self.config, spatial_grid=grid)
+    def use_spatial_grid(self, grid: int, width: float = LEGACY_WIDTH_IN_CELLS) -> None:
+        """From now on each query attends around its cell of a grid x grid grid (0: plain queries), within a
+        Gaussian of sigma `width` cells; the setting is saved with the config, which checks it (ValueError when
+        there are fewer queries than cells)."""
+        self.config = replace(self.config, spatial_grid=grid, spatial_width=width)
 
     def _check_text(self, input_ids: torch.Tensor) -> None:
         if input_ids.ndim != 2 or input_ids.shape[1] > self.config.max_position:

@@ -22,7 +22,9 @@ from functools import cache
 
 import torch
 
-WIDTH_IN_CELLS = 0.45        # the Gaussian's sigma, as a fraction of a cell's width (1.2 patches for 8 x 8, G = 3)
+# The Gaussian's sigma, as a fraction of a cell's width, in Q-Formers saved before it was a param
+# (`train_vlm.align.spatial_width`, saved as `QFormerConfig.spatial_width`).
+LEGACY_WIDTH_IN_CELLS = 0.45
 PREFIX_BIAS = -4.0           # CLS / register tokens: still visible, but far less than the query's own region
 
 
@@ -51,13 +53,16 @@ def patch_grid(num_tokens: int) -> tuple[int, int]:
 
 
 @cache
-def cross_attention_bias(num_queries: int, num_tokens: int, grid: int) -> torch.Tensor:
-    """[num_queries, num_tokens] additive logits: 0 at a query's cell centre, falling off with patch distance.
-    Cached (the same for every batch); callers copy it to their device and dtype, never modify it."""
+def cross_attention_bias(num_queries: int, num_tokens: int, grid: int, width: float) -> torch.Tensor:
+    """[num_queries, num_tokens] additive logits: 0 at a query's cell centre, falling off with patch distance as a
+    Gaussian of sigma `width` cells. Cached (the same for every batch); callers copy it to their device and dtype,
+    never modify it."""
     prefix, side = patch_grid(num_tokens)
     rows = torch.arange(side * side) // side
     cols = torch.arange(side * side) % side
-    sigma = WIDTH_IN_CELLS * side / grid
+    if width <= 0:
+        raise ValueError(f"the spatial prior's width must be > 0 cells (train_vlm.align.spatial_width), got {width}")
+    sigma = width * side / grid
     bias = torch.full((num_queries, num_tokens), PREFIX_BIAS)
     for query, cell in enumerate(query_cells(num_queries, grid)):
         if cell is None:
