@@ -13,7 +13,9 @@ from vlm.data.dataset_io import DatasetError, read_split, write_split
 from vlm.data.embeddings import Embeddings, gather
 from vlm.data.synthetic import generate_records
 from vlm.models.prompt import IGNORE_INDEX
-from vlm.models.spatial_prior import cross_attention_bias, patch_grid, query_cells, region_cell
+from vlm.models.qformer import QFormer, QFormerConfig
+from vlm.models.spatial_prior import (LEGACY_WIDTH_IN_CELLS, cross_attention_bias, patch_grid, query_cells,
+                                     region_cell)
 from vlm.train.align import align_queries, grid_targets, image_regions
 
 
@@ -35,6 +37,34 @@ def test_bias_peaks_at_each_querys_own_cell() -> None:
         assert (row // 2) * 2 + col // 2 == cell  # the highest logits lie inside the query's cell
         assert patches.max() > bias[query, 0]  # above the CLS token's
     assert region_cell(0.1, 0.9, 3) == 6 and region_cell(1.0, 0.0, 3) == 2
+
+
+def test_a_narrower_width_keeps_a_query_closer_to_its_cell() -> None:
+    """Query 0 sits on the top-left cell of a 2 x 2 grid over 8 x 8 patches: the patch in the opposite corner falls
+    further below its cell's centre when the Gaussian is narrower; the peak stays where it was."""
+    wide, narrow = cross_attention_bias(4, 1 + 64, 2, 0.45), cross_attention_bias(4, 1 + 64, 2, 0.25)
+    far = 1 + 63  # the bottom-right patch
+    assert narrow[0, far] < wide[0, far] < 0
+    assert narrow[0, 1:].argmax() == wide[0, 1:].argmax()  # the same peak, inside the cell
+    with pytest.raises(ValueError, match="spatial_width"):
+        cross_attention_bias(4, 1 + 64, 2, 0.0)
+    with pytest.raises(ParamsError, match="train_vlm.align.spatial_width"):
+        AlignConfig(spatial_width=0.0)
+
+
+def test_the_width_is_saved_with_the_qformer_and_old_configs_keep_theirs(tmp_path: Path) -> None:
+    qformer = tiny_qformer(tmp_path / "bert", num_queries=4)
+    qformer.use_spatial_grid(2, 0.3)
+    qformer.save(tmp_path / "saved")
+    loaded = QFormer.load(tmp_path / "saved")
+    assert (loaded.config.spatial_grid, loaded.config.spatial_width) == (2, 0.3)
+    images = torch.randn(1, 17, IMAGE_WIDTH, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(loaded.eval().encode_image(images), qformer.encode_image(images))
+    # a Q-Former saved before the width was a param was trained with the old width, and loads with it
+    legacy = qformer.config.to_dict()
+    del legacy["spatial_width"]
+    assert QFormerConfig.from_dict(legacy).spatial_width == LEGACY_WIDTH_IN_CELLS == 0.45
 
 
 def test_a_spatial_query_reads_its_own_cell(tmp_path: Path) -> None:
