@@ -1,5 +1,6 @@
 """DVC stage `evaluate`: decode on the test split; CIDEr & co for captions, VQA accuracy for answers; the same
-model blind (a blank image's tokens in place of every image's) as a baseline; a gallery of the first test images.
+model blind (a blank image's tokens in place of every image's) as a baseline; on scenes with regions, how many of
+the visual tokens name their grid cell's object; a gallery of the first test images.
 
 Not named evaluate.py: run as a script (`python stages/<script>`, handy when debugging), a stage puts stages/ first
 on sys.path, where a file named evaluate.py would shadow the Hugging Face `evaluate` library the metrics load with.
@@ -23,6 +24,7 @@ from vlm.data.embeddings import expected_metadata, load_embeddings, made_like
 from vlm.eval.gallery import gallery_ids, read_images, write_gallery
 from vlm.eval.run import evaluate
 from vlm.models.vlm import VisionLanguageModel
+from vlm.train.align import image_regions
 from vlm.train.stage2 import load_tasks
 
 
@@ -32,7 +34,8 @@ def main() -> None:
     embeddings = load_embeddings(EMBEDDINGS_DIR / "test", expect=expected_metadata(params.backbone))
     blank = load_embeddings(BLANK_EMBEDDING, expect=made_like(embeddings))
     caption_tasks, vqa_tasks = load_tasks(DATASET_DIR / "test.parquet", params.llm)
-    metrics, records = evaluate(model, embeddings, caption_tasks, vqa_tasks, params.eval, blank)
+    regions = image_regions(DATASET_DIR / "test.parquet")  # the synthetic scenes' objects; imports have none
+    metrics, records = evaluate(model, embeddings, caption_tasks, vqa_tasks, params.eval, blank, regions)
     PREDICTIONS_DIR.mkdir(exist_ok=True)
     tmp = PREDICTIONS_DIR / "test.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))

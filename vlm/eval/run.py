@@ -16,6 +16,7 @@ from tqdm import tqdm
 from vlm.config import EvalConfig
 from vlm.data.embeddings import Embeddings, gather
 from vlm.eval.scoring import score_captions, score_vqa
+from vlm.eval.slots import reads_grid_slots, slot_metrics, slots_right
 from vlm.models.vlm import VisionLanguageModel
 from vlm.train.stage2 import Task, with_embeddings
 
@@ -44,15 +45,21 @@ def predict(model: VisionLanguageModel, embeddings: Embeddings, tasks: Sequence[
 
 @torch.inference_mode()
 def evaluate(model: VisionLanguageModel, embeddings: Embeddings, caption_tasks: list[Task], vqa_tasks: list[Task],
-             config: EvalConfig, blank: Embeddings | None = None) -> tuple[dict[str, float | str], list[dict]]:
+             config: EvalConfig, blank: Embeddings | None = None, regions: dict[str, list[dict]] | None = None
+             ) -> tuple[dict[str, float | str], list[dict]]:
     """(flat metrics, one prediction record per task). With `blank` (one row: a blank image's embedding), the
-    blind baseline too: `blind_cider`, `blind_vqa_accuracy[_<type>]`, `visual_gain_cider`, `visual_gain_vqa`."""
+    blind baseline too: `blind_cider`, `blind_vqa_accuracy[_<type>]`, `visual_gain_cider`, `visual_gain_vqa`.
+    With the images' `regions` and a model whose slots name grid cells, how well they do (vlm/eval/slots.py)."""
     caption_tasks, vqa_tasks = with_embeddings(embeddings, caption_tasks), with_embeddings(embeddings, vqa_tasks)
     if config.max_images:
         keep = set(sorted({t.image_id for t in caption_tasks + vqa_tasks})[:config.max_images])
         caption_tasks = [t for t in caption_tasks if t.image_id in keep]
         vqa_tasks = [t for t in vqa_tasks if t.image_id in keep]
     metrics, records = _score(model, embeddings, caption_tasks, vqa_tasks, config)
+    evaluated = {t.image_id for t in caption_tasks + vqa_tasks}
+    regions = {image_id: objects for image_id, objects in (regions or {}).items() if image_id in evaluated}
+    if regions and reads_grid_slots(model):
+        metrics.update(slot_metrics(slots_right(model, embeddings, regions), records, score_vqa))
     if blank is not None:
         metrics.update(_blind_baseline(model, blank, caption_tasks, vqa_tasks, config, metrics))
     return metrics, records

@@ -21,6 +21,14 @@ import torch
 EMPTY_CELL = "none"  # what the queries of a cell with no object name
 
 
+@torch.no_grad()
+def slot_words(queries: torch.Tensor, embedding_matrix: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
+    """queries [B, Q, D] in the LLM's embedding space, embedding_matrix [V, D], vocab [K] token ids -> [B, Q] the
+    token of `vocab` each slot names: the one whose embedding has the largest dot product with it (the alignment's
+    score)."""
+    return vocab[(queries.float() @ embedding_matrix[vocab].float().T).argmax(-1)]
+
+
 @dataclass(frozen=True)
 class EmptyCellRule:
     """Which cells of the grid are empty, from the slots themselves."""
@@ -46,8 +54,7 @@ class EmptyCellRule:
         """queries [B, Q, D] (projected into the LLM's embedding space), embedding_matrix [V, D] the LLM's input
         embeddings, query_cell [Q] each query's cell (-1: none) -> [B, num_cells] True where every slot of the
         cell names " none"."""
-        vocab = torch.tensor(self.vocab, device=queries.device)
-        words = vocab[(queries.float() @ embedding_matrix[vocab].float().T).argmax(-1)]  # [B, Q]
+        words = slot_words(queries, embedding_matrix, torch.tensor(self.vocab, device=queries.device))
         names_none = torch.isin(words, torch.tensor(self.none_ids, device=words.device)).float()
         in_cell = (query_cell[:, None] == torch.arange(num_cells, device=query_cell.device)[None]).float()  # [Q, C]
         slots = in_cell.sum(0)
