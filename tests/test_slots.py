@@ -8,7 +8,6 @@ from tiny_models import TINY_VLM_QUERIES, image_embeds, tiny_vlm, tiny_vlm_folde
 from tiny_qformer import single_torch_thread  # noqa: F401 (autouse fixture)
 
 from vlm.data.embeddings import Embeddings
-from vlm.eval.scoring import score_vqa
 from vlm.eval.slots import reads_grid_slots, slot_metrics, slots_right
 from vlm.models.empty_cells import EMPTY_CELL, EmptyCellRule
 from vlm.models.prompt import IGNORE_INDEX
@@ -46,7 +45,7 @@ def test_slots_that_name_the_scene_are_right_and_a_misnamed_one_is_not(tmp_path:
     records = [{"image_id": "a", "type": "color", "prediction": "red", "references": ["red"]},
                {"image_id": "b", "type": "color", "prediction": "red", "references": ["blue"]},
                {"image_id": "b", "type": "caption", "prediction": "x", "references": ["y"]}]
-    metrics = slot_metrics(right, records, score_vqa)
+    metrics = slot_metrics(right, records)
     assert metrics["slot_accuracy"] == pytest.approx(7 / 8)
     assert metrics["slot_images_all_right"] == 0.5
     assert metrics["vqa_accuracy_slots_right"] == 1.0 and metrics["vqa_accuracy_slot_misnamed"] == 0.0

@@ -59,7 +59,7 @@ def evaluate(model: VisionLanguageModel, embeddings: Embeddings, caption_tasks: 
     evaluated = {t.image_id for t in caption_tasks + vqa_tasks}
     regions = {image_id: objects for image_id, objects in (regions or {}).items() if image_id in evaluated}
     if regions and reads_grid_slots(model):
-        metrics.update(slot_metrics(slots_right(model, embeddings, regions), records, score_vqa))
+        metrics.update(slot_metrics(slots_right(model, embeddings, regions), records))
     if blank is not None:
         metrics.update(_blind_baseline(model, blank, caption_tasks, vqa_tasks, config, metrics))
     return metrics, records

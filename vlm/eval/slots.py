@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from vlm.data.embeddings import Embeddings, gather
+from vlm.eval.scoring import score_vqa
 from vlm.models.empty_cells import slot_words
 from vlm.models.prompt import IGNORE_INDEX
 from vlm.models.vlm import VisionLanguageModel
@@ -51,9 +52,9 @@ def slots_right(model: VisionLanguageModel, embeddings: Embeddings, regions: dic
     return right
 
 
-def slot_metrics(right: dict[str, torch.Tensor], records: list[dict], score_vqa) -> dict[str, float]:
+def slot_metrics(right: dict[str, torch.Tensor], records: list[dict]) -> dict[str, float]:
     """`slot_accuracy` (slots that name their target, of those with one), `slot_images_all_right`, and the VQA
-    accuracy of the questions about each group of images (`score_vqa(predictions, answers)`: the official scorer)."""
+    accuracy of the questions about each group of images (the official scorer)."""
     if not right:
         return {}
     metrics = {"slot_accuracy": float(torch.cat(list(right.values())).float().mean()),
