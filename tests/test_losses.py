@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_qformer import IMAGE_WIDTH, random_text, single_torch_thread, tiny_qformer  # noqa: F401 (autouse)
 
-from vlm.losses import itc_loss, itg_loss, itm_loss, sample_hard_negatives, stage1_losses
+from vlm.losses import itc_loss, itg_loss, itm_loss, positive_pairs, sample_hard_negatives, stage1_losses
 from vlm.models.qformer import QFormer, QFormerOutput
 
 HEAD_PARAMETERS = {
@@ -32,15 +32,30 @@ def _batch(num_images: int, captions_per_image: int, seed: int = 0):
     return images[image_ids], ids, mask, image_ids
 
 
+def test_positive_pairs_are_the_same_image_or_the_same_caption_text():
+    image_ids = torch.tensor([0, 0, 1, 2, 3])
+    input_ids = torch.tensor([[101, 5, 6, 102], [101, 7, 102, 0], [101, 8, 9, 102], [101, 8, 9, 102],
+                              [101, 8, 102, 0]])  # rows 2 and 3: two images, one caption text; row 4 a prefix of it
+    expected = torch.tensor([[1, 1, 0, 0, 0],
+                             [1, 1, 0, 0, 0],
+                             [0, 0, 1, 1, 0],
+                             [0, 0, 1, 1, 0],
+                             [0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(positive_pairs(image_ids, input_ids), expected)
+
+
 def test_itc_matches_hand_computation_with_duplicate_captions():
     image_features = torch.tensor([[[1.0, 0.0], [0.0, 1.0]],
                                    [[0.6, 0.8], [0.8, -0.6]],
-                                   [[-1.0, 0.0], [0.0, -1.0]]])
-    text_features = torch.tensor([[1.0, 0.0], [0.6, 0.8], [-0.8, 0.6]])
-    image_ids = torch.tensor([0, 0, 1])  # rows 0 and 1 are two captions of the same image
+                                   [[-1.0, 0.0], [0.0, -1.0]],
+                                   [[0.0, 1.0], [-0.6, 0.8]]])
+    text_features = torch.tensor([[1.0, 0.0], [0.6, 0.8], [-0.8, 0.6], [0.0, -1.0]])
+    image_ids = torch.tensor([0, 0, 1, 2])  # rows 0 and 1 are two captions of the same image
+    input_ids = torch.tensor([[101, 5, 102], [101, 6, 102], [101, 7, 102], [101, 7, 102]])  # rows 2, 3: one text
     temperature = 0.5
 
-    image_list, text_list, ids = image_features.tolist(), text_features.tolist(), image_ids.tolist()
+    image_list, text_list = image_features.tolist(), text_features.tolist()
+    ids, texts = image_ids.tolist(), input_ids.tolist()
     sim = [[max(sum(a * b for a, b in zip(query, text)) for query in image) for text in text_list]
            for image in image_list]
     n = len(ids)
@@ -49,18 +64,25 @@ def test_itc_matches_hand_computation_with_duplicate_captions():
         total = 0.0
         for row in range(n):
             log_normaliser = math.log(sum(math.exp(score(row, col) / temperature) for col in range(n)))
-            positives = [col for col in range(n) if ids[col] == ids[row]]
+            positives = [col for col in range(n) if ids[col] == ids[row] or texts[col] == texts[row]]
             total -= sum(score(row, col) / temperature - log_normaliser for col in positives) / len(positives)
         return total / n
 
     expected = (direction_loss(lambda i, t: sim[i][t]) + direction_loss(lambda t, i: sim[i][t])) / 2
-    actual = itc_loss(image_features, text_features, image_ids, torch.tensor(temperature))
+    actual = itc_loss(image_features, text_features, positive_pairs(image_ids, input_ids), torch.tensor(temperature))
     assert actual.item() == pytest.approx(expected, rel=1e-5)
+    # Counting the shared text as a negative (image ids alone) gives another loss: the test can tell them apart.
+    by_image_only = itc_loss(image_features, text_features, image_ids[:, None] == image_ids[None, :],
+                             torch.tensor(temperature))
+    assert abs(by_image_only.item() - expected) > 1e-3
 
 
 def test_hard_negatives_are_never_positives_even_with_duplicates():
     image_ids = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 4, 5, 5, 5])
-    is_positive = image_ids[:, None] == image_ids[None, :]
+    input_ids = torch.arange(12)[:, None].repeat(1, 3)
+    input_ids[8] = input_ids[5]  # images 2 and 4 have captions with the same text
+    is_positive = positive_pairs(image_ids, input_ids)
+    assert is_positive[5, 8] and is_positive[8, 5]
     generator = torch.Generator().manual_seed(0)
     for _ in range(200):
         similarity = torch.randn(12, 12, generator=generator) * 5
@@ -104,7 +126,8 @@ def test_itm_pairs_are_one_positive_and_two_true_negatives_per_item(bert_dir, mo
     monkeypatch.setattr(qformer, "forward", spy_forward)
     monkeypatch.setattr(qformer, "itm_logits", oracle_logits)
     similarity = torch.randn(6, 6, generator=torch.Generator().manual_seed(0))
-    loss = itm_loss(qformer, images, None, ids, mask, similarity, image_ids, torch.Generator().manual_seed(1))
+    loss = itm_loss(qformer, images, None, ids, mask, similarity, positive_pairs(image_ids, ids),
+                    torch.Generator().manual_seed(1))
     pairs = seen_pairs[0]
     assert len(pairs) == 3 * 6
     assert (pairs[:, 0] == pairs[:, 1]).sum() == 6, "exactly one positive pair per item"

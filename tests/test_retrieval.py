@@ -94,6 +94,17 @@ def test_itm_reranking_repairs_itc_only_within_the_top_k(oracle, k_rerank, i2t_i
     assert (metrics["i2t_r1_itm"], metrics["t2i_r1_itm"]) == (i2t_itm, t2i_itm)
 
 
+def test_a_text_shared_by_two_images_matches_both(oracle):
+    """Image 5 also has image 0's caption "w0 w20". ITC ranks image 5 first for every text that names image 0
+    (itc_shift=1), so for the two copies of that caption, and for no other text, the first image is a right one."""
+    oracle.itc_shift = 1
+    images, texts, image_of_text = _oracle_data()
+    assert "w0 w20" in texts
+    texts, image_of_text = texts + ["w0 w20"], image_of_text + [5]
+    metrics = retrieval_metrics(oracle, images, texts, image_of_text, k_rerank=0, batch_size=4)
+    assert metrics["t2i_r1"] == pytest.approx(2 / len(texts))  # counting by owner alone: 1 / len(texts)
+
+
 def test_k_rerank_zero_skips_the_itm_head_entirely(oracle, monkeypatch):
     oracle.itc_shift = 1
     images, texts, image_of_text = _oracle_data()

@@ -1,12 +1,15 @@
 """BLIP-2 stage-1 objectives for the Q-Former: contrastive (ITC), matching (ITM) and captioning (ITG).
 
-Positives are defined by image ids, not by batch position: a batch may hold several captions of the same image,
-and treating those as negatives would punish the model for being right. So
-* ITC uses soft targets spread evenly over every in-batch pair with the same image id;
-* ITM never samples a pair with the same image id as a "hard negative".
+Positives are defined by content, not by batch position: a batch may hold several captions of the same image, or
+two images whose captions are the same text (the synthetic scenes repeat short captions: 6% of the default train
+captions belong to more than one image), and treating those as negatives would punish the model for being right.
+A pair is positive when its image and its text come from the same image or its text is the same (token for token)
+as that image's caption in the batch (`positive_pairs`). So
+* ITC uses soft targets spread evenly over every positive in-batch pair;
+* ITM never samples a positive pair as a "hard negative".
 
 Distributed training: `gather_fn` concatenates a tensor from all ranks along dim 0, keeping the gradient for the
-local part (e.g. an all_gather-with-grad); it is applied to the ITC features and to the integer image ids. Every
+local part (e.g. an all_gather-with-grad); it is applied to the ITC features, the integer image ids and the caption token ids. Every
 rank then computes the ITC loss over the whole global batch (an [N, N, Q] similarity tensor), so the loss is the
 same everywhere; with gather_fn = identity (one process) nothing changes. ITM hard negatives are mined inside the
 local batch only (BLIP-2 mines across ranks; local mining avoids gathering image embeddings).
@@ -30,9 +33,13 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def same_image(image_ids_a: torch.Tensor, image_ids_b: torch.Tensor) -> torch.Tensor:
-    """Bool [Na, Nb]: True where the two items show the same image (i.e. are a positive pair)."""
-    return image_ids_a[:, None] == image_ids_b[None, :]
+def positive_pairs(image_ids: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Bool [N, N] for a batch of N (image, caption) rows: True where image i and text j match, i.e. rows i and j
+    show the same image (equal ids) or carry the same caption (equal token ids, padding included: a batch shares
+    its padded width). Symmetric."""
+    same_image = image_ids[:, None] == image_ids[None, :]
+    same_text = (input_ids[:, None, :] == input_ids[None, :, :]).all(dim=-1)
+    return same_image | same_text
 
 
 def itc_similarity(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
@@ -43,14 +50,15 @@ def itc_similarity(image_features: torch.Tensor, text_features: torch.Tensor) ->
     return torch.einsum("iqe,te->itq", image_features, text_features).amax(dim=-1)
 
 
-def itc_loss(image_features: torch.Tensor, text_features: torch.Tensor, image_ids: torch.Tensor,
+def itc_loss(image_features: torch.Tensor, text_features: torch.Tensor, positives: torch.Tensor,
              temperature: torch.Tensor) -> torch.Tensor:
     """Symmetric cross-entropy of image->text and text->image similarities with soft positive targets.
 
-    Row i's target puts equal mass on every column with the same image id (including itself).
+    positives [N, N] (symmetric, `positive_pairs`): row i's target puts equal mass on each of its positive columns
+    (itself included).
     """
     logits = itc_similarity(image_features, text_features).float() / temperature  # [N, N], images x texts
-    positives = same_image(image_ids, image_ids).float()
+    positives = positives.float()
     targets = positives / positives.sum(dim=1, keepdim=True)  # symmetric, so valid for both directions
     image_to_text = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
     text_to_image = -(targets * F.log_softmax(logits.t(), dim=1)).sum(dim=1).mean()
@@ -79,18 +87,17 @@ def sample_hard_negatives(similarity: torch.Tensor, is_positive: torch.Tensor,
 
 def itm_loss(qformer: QFormer, image_embeds: torch.Tensor, image_mask: torch.Tensor | None,
              input_ids: torch.Tensor, attention_mask: torch.Tensor, similarity: torch.Tensor,
-             image_ids: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+             is_positive: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Binary match / no-match cross-entropy over [positive pairs ; image + hard negative text ;
     hard negative image + text], labels [1 ; 0 ; 0]. `similarity` [N, N] (images x texts, already divided by
-    the temperature) guides the sampling.
+    the temperature) guides the sampling; `is_positive` [N, N] (`positive_pairs`) is never sampled.
     """
-    is_positive = same_image(image_ids, image_ids)
     with torch.no_grad():
         negative_text, image_has_negative = sample_hard_negatives(similarity, is_positive, generator)
         negative_image, text_has_negative = sample_hard_negatives(similarity.t(), is_positive, generator)
     images_with_negative = image_has_negative.nonzero().squeeze(1)
     texts_with_negative = text_has_negative.nonzero().squeeze(1)
-    everyone = torch.arange(len(image_ids), device=image_ids.device)
+    everyone = torch.arange(len(is_positive), device=is_positive.device)
 
     image_index = torch.cat([everyone, images_with_negative, negative_image[texts_with_negative]])
     text_index = torch.cat([everyone, negative_text[images_with_negative], texts_with_negative])
@@ -136,8 +143,8 @@ def stage1_losses(qformer: QFormer, image_embeds: torch.Tensor, input_ids: torch
     """All active stage-1 losses for one batch of (image, caption) pairs.
 
     image_embeds [B, T, Di] (frozen backbone output), input_ids / attention_mask [B, L] (with [CLS] first),
-    image_ids [B] (equal ids = same image). weights maps "itc" / "itm" / "itg" to a factor; a missing key or 0
-    switches that loss off and skips its compute. Returns "loss" (weighted sum) and each active loss, detached.
+    image_ids [B] (equal ids = same image; rows whose captions are the same text match each other too). weights
+    maps "itc" / "itm" / "itg" to a factor; a missing key or 0 switches that loss off and skips its compute. Returns "loss" (weighted sum) and each active loss, detached.
     """
     _check_weights(weights)
     active = {name: weights[name] for name in LOSS_NAMES if weights.get(name, 0.0) > 0}
@@ -150,14 +157,14 @@ def stage1_losses(qformer: QFormer, image_embeds: torch.Tensor, input_ids: torch
             image_features = qformer.image_features(qformer.encode_image(image_embeds, image_mask))
             text_features = qformer.text_features(qformer.encode_text(input_ids, attention_mask))
         if "itc" in active:
-            losses["itc"] = itc_loss(gather(image_features), gather(text_features), gather(image_ids),
-                                     qformer.temperature())
+            positives = positive_pairs(gather(image_ids), gather(input_ids))
+            losses["itc"] = itc_loss(gather(image_features), gather(text_features), positives, qformer.temperature())
         if "itm" in active:
             # BLIP-2 samples from softmax(sim / temp): sharper than raw cosine, so negatives are truly hard.
             similarity = itc_similarity(image_features.detach(), text_features.detach())
             similarity = similarity / qformer.temperature().detach()
             losses["itm"] = itm_loss(qformer, image_embeds, image_mask, input_ids, attention_mask, similarity,
-                                     image_ids, generator)
+                                     positive_pairs(image_ids, input_ids), generator)
     if "itg" in active:
         losses["itg"] = itg_loss(qformer, image_embeds, image_mask, input_ids, attention_mask, itg_label_smoothing)
 

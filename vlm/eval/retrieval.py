@@ -5,6 +5,8 @@
    BLIP-2 does): recall@1 after re-ranking. ITM is far more expensive (one joint pass per pair), hence the top-k.
 
 Recalls are fractions in [0, 1]. Image-to-text counts a hit when ANY caption of the image is within the top K.
+A text matches every image that has it as a caption: the synthetic scenes repeat short captions ("a small red star
+in the bottom left of the image."), and ranking the other image with that caption first is no error.
 Image embeddings are read twice (ITC, then the ITM pairs), so they must come as a tensor or a re-iterable of
 batches (e.g. a list or a DataLoader); the similarity matrix [N images, M texts] is kept in memory as float32.
 """
@@ -90,14 +92,15 @@ def _compute_metrics(qformer: QFormer, image_embeds: torch.Tensor | Iterable[tor
         raise ValueError(f"retrieval_metrics: text_image_index must lie in [0, {num_images}) for the {num_images} "
                          f"images given, got values in [{image_of_text.min().item()}, {image_of_text.max().item()}].")
 
+    matches = _text_matches_image(texts, text_image_index, num_images).to(device)  # [N, M]
+
     max_k = max(RECALL_KS + (k_rerank,))
     text_ranking = similarity.topk(min(max_k, num_texts), dim=1).indices  # [N, k] texts per image, best first
     image_ranking = similarity.t().topk(min(max_k, num_images), dim=1).indices  # [M, k] images per text
-    image_ids = torch.arange(num_images, device=device)
     metrics = {}
     for k in RECALL_KS:
-        metrics[f"i2t_r{k}"] = recall_at_k(image_of_text[text_ranking] == image_ids[:, None], k)
-        metrics[f"t2i_r{k}"] = recall_at_k(image_ranking == image_of_text[:, None], k)
+        metrics[f"i2t_r{k}"] = recall_at_k(matches.gather(1, text_ranking), k)
+        metrics[f"t2i_r{k}"] = recall_at_k(matches.t().gather(1, image_ranking), k)
     if k_rerank == 0:
         return metrics
 
@@ -106,9 +109,20 @@ def _compute_metrics(qformer: QFormer, image_embeds: torch.Tensor | Iterable[tor
                                                    text_candidates, image_candidates, batch_size, device)
     best_text = text_candidates.gather(1, text_scores.argmax(dim=1, keepdim=True))
     best_image = image_candidates.gather(1, image_scores.argmax(dim=1, keepdim=True))
-    metrics["i2t_r1_itm"] = recall_at_k(image_of_text[best_text] == image_ids[:, None], 1)
-    metrics["t2i_r1_itm"] = recall_at_k(best_image == image_of_text[:, None], 1)
+    metrics["i2t_r1_itm"] = recall_at_k(matches.gather(1, best_text), 1)
+    metrics["t2i_r1_itm"] = recall_at_k(matches.t().gather(1, best_image), 1)
     return metrics
+
+
+def _text_matches_image(texts: list[str], text_image_index: list[int], num_images: int) -> torch.Tensor:
+    """Bool [N images, M texts]: text j is a caption of image i, or the same string as one of its captions."""
+    owners: dict[str, list[int]] = {}
+    for text, image in zip(texts, text_image_index):
+        owners.setdefault(text, []).append(image)
+    matches = torch.zeros(num_images, len(texts), dtype=torch.bool)
+    for column, text in enumerate(texts):
+        matches[owners[text], column] = True
+    return matches
 
 
 def _itc_similarity_matrix(qformer: QFormer, image_embeds: torch.Tensor | Iterable[torch.Tensor],
