@@ -9,10 +9,11 @@ as that image's caption in the batch (`positive_pairs`). So
 * ITM never samples a positive pair as a "hard negative".
 
 Distributed training: `gather_fn` concatenates a tensor from all ranks along dim 0, keeping the gradient for the
-local part (e.g. an all_gather-with-grad); it is applied to the ITC features, the integer image ids and the caption token ids. Every
-rank then computes the ITC loss over the whole global batch (an [N, N, Q] similarity tensor), so the loss is the
-same everywhere; with gather_fn = identity (one process) nothing changes. ITM hard negatives are mined inside the
-local batch only (BLIP-2 mines across ranks; local mining avoids gathering image embeddings).
+local part (e.g. an all_gather-with-grad); it is applied to the ITC features, the integer image ids and the
+caption token ids. Every rank then computes the ITC loss over the whole global batch (an [N, N, Q] similarity
+tensor), so the loss is the same everywhere; with gather_fn = identity (one process) nothing changes. ITM hard
+negatives are mined inside the local batch only (BLIP-2 mines across ranks; local mining avoids gathering image
+embeddings).
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ def stage1_losses(qformer: QFormer, image_embeds: torch.Tensor, input_ids: torch
 
     image_embeds [B, T, Di] (frozen backbone output), input_ids / attention_mask [B, L] (with [CLS] first),
     image_ids [B] (equal ids = same image; rows whose captions are the same text match each other too). weights
-    maps "itc" / "itm" / "itg" to a factor; a missing key or 0 switches that loss off and skips its compute. Returns "loss" (weighted sum) and each active loss, detached.
+    maps "itc" / "itm" / "itg" to a factor; a missing key or 0 switches that loss off and skips its compute.
+    Returns "loss" (weighted sum) and each active loss, detached.
     """
     _check_weights(weights)
     active = {name: weights[name] for name in LOSS_NAMES if weights.get(name, 0.0) > 0}

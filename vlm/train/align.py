@@ -135,7 +135,8 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
     Returns the final (smoothed) losses and slot accuracy, prefixed `align_`."""
     align = config.align
     loop_config = replace(config, lr=align.lr, batch_size=align.batch_size, warmup_steps=align.warmup_steps)
-    model.qformer.use_spatial_grid(align.spatial_grid, align.spatial_width)  # saved with the Q-Former: later stages see it
+    # saved with the Q-Former: later stages see it
+    model.qformer.use_spatial_grid(align.spatial_grid, align.spatial_width)
     model.use_cell_labels(align.cell_labels and align.spatial_grid > 0)  # kept in the saved model's config
     if align.target == "grid":
         targets = grid_targets(model.tokenizer, image_regions(dataset_path), model.qformer.config.num_queries,
