@@ -13,7 +13,7 @@ from tiny_qformer import (  # noqa: F401 (single_torch_thread is an autouse fixt
     write_tiny_bert,
 )
 
-from vlm.eval.retrieval import retrieval_metrics
+from vlm.eval.retrieval import rerank_score, retrieval_metrics
 from vlm.models.qformer import QFormer, QFormerOutput
 
 NUM_IMAGES = 6
@@ -92,6 +92,42 @@ def test_itm_reranking_repairs_itc_only_within_the_top_k(oracle, k_rerank, i2t_i
                                 batch_size=3)
     assert (metrics["i2t_r1"], metrics["i2t_r5"], metrics["t2i_r1"], metrics["t2i_r5"]) == (0.0, 1.0, 0.0, 1.0)
     assert (metrics["i2t_r1_itm"], metrics["t2i_r1_itm"]) == (i2t_itm, t2i_itm)
+
+
+class HesitantITMOracle(OracleQFormer):
+    """ITC right by a small margin: image i's feature is 0.8 on its own texts and 0.6 on image i + 1's. ITM mildly
+    wrong: it prefers each image's decoy (log-odds +0.5 for image i with image i + 1's texts, -0.5 for the truth,
+    match probabilities 0.62 against 0.38)."""
+
+    def image_features(self, query_hidden):
+        index = query_hidden[:, 0, 0].round().long()
+        decoy = F.one_hot((index + 1) % NUM_IMAGES, NUM_IMAGES)
+        return (0.8 * F.one_hot(index, NUM_IMAGES) + 0.6 * decoy).float()[:, None]
+
+    def itm_logits(self, query_hidden):
+        image, named = query_hidden[:, 0, 0], query_hidden[:, 0, 1]
+        log_odds = torch.where(named == image, -0.5, torch.where(named == (image + 1) % NUM_IMAGES, 0.5, -5.0))
+        return torch.stack([torch.zeros_like(log_odds), log_odds], dim=1)
+
+
+def test_a_hesitant_itm_head_does_not_overrule_a_confident_itc(bert_dir):
+    """ITC's margin, 0.2 in cosine, is 2.9 logits at temperature 0.07; ITM's is 1.0 logit the other way. On one scale
+    ITC wins and the re-ranking keeps every right answer; adding ITM's probability (0.24 apart) to the cosine, as
+    this code once did, flipped them all."""
+    oracle = HesitantITMOracle.from_bert(bert_dir, num_queries=1, cross_attention_freq=1,
+                                         image_hidden_size=IMAGE_WIDTH, max_text_len=16)
+    assert oracle.temperature().item() == pytest.approx(0.07)
+    images, texts, image_of_text = _oracle_data()
+    metrics = retrieval_metrics(oracle, images, texts, image_of_text, k_rerank=4, batch_size=4)
+    assert (metrics["i2t_r1"], metrics["t2i_r1"]) == (1.0, 1.0)
+    assert (metrics["i2t_r1_itm"], metrics["t2i_r1_itm"]) == (1.0, 1.0)
+
+
+def test_rerank_score_adds_itc_logit_and_itm_log_odds():
+    similarity, log_odds = torch.tensor([0.9, 0.8]), torch.tensor([-0.5, 0.5])
+    assert rerank_score(similarity, log_odds, temperature=0.07).argmax() == 0  # 12.36 against 11.93
+    assert rerank_score(similarity, 3 * log_odds, temperature=0.07).argmax() == 1  # a confident ITM wins
+    assert torch.allclose(rerank_score(similarity, log_odds, 0.1), torch.tensor([8.5, 8.5]))
 
 
 def test_a_text_shared_by_two_images_matches_both(oracle):
