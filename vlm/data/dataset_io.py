@@ -202,7 +202,7 @@ def decode_image(data: bytes, image_id: str = "<unknown>") -> Image.Image:
             f"image {image_id!r}: cannot decode its {len(data)} stored bytes ({exc}); the split is "
             "corrupt, re-create it"
         ) from exc
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
 
 
 def _open_split(path: Path, columns: list[str] | None) -> pq.ParquetFile:

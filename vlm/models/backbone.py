@@ -174,12 +174,13 @@ class VisionBackbone(nn.Module):
         if not images:
             raise ValueError("preprocess() needs at least one image.")
         size = (self.image_size, self.image_size)
-        pixels = np.stack([np.asarray(image.convert("RGB").resize(size, Image.Resampling.BICUBIC))
-                           for image in images])
+        # convert() copies even an RGB image; in-place arithmetic skips two batch-sized temporaries (same values)
+        pixels = np.stack([np.asarray((image if image.mode == "RGB" else image.convert("RGB"))
+                                      .resize(size, Image.Resampling.BICUBIC)) for image in images])
         batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
         mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
         std = torch.tensor(self.image_std).view(1, 3, 1, 1)
-        return (batch - mean) / std
+        return batch.sub_(mean).div_(std)
 
     @torch.no_grad()
     def forward(self, pixel_values: Tensor) -> Tensor:
