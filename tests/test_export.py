@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -123,8 +124,11 @@ def test_cli_exports_then_captions_with_the_exported_folder(tmp_path: Path, monk
     result = runner.invoke(app, ["export", "out", "--no-merge"])
     assert result.exit_code == 0, result.output
     assert "| vqa_accuracy | 0.2500 |" in (tmp_path / "out" / "README.md").read_text()
-    caption = runner.invoke(app, ["caption", "scene.png", "--model", "out"])
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        caption = runner.invoke(app, ["caption", "scene.png", "--model", "out"])
     assert caption.exit_code == 0, caption.output
+    assert not [w for w in shown if "is_gradient_checkpointing" in str(w.message)]  # peft's, of no use to a user
     picture = images()[0]
     assert caption.stdout.strip() == expected.caption(picture)
     answer = runner.invoke(app, ["ask", "scene.png", QUESTION, "--model", "out"])
