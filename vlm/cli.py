@@ -8,7 +8,6 @@ name a folder written by `vlm export`, which holds all of that itself.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import typer
@@ -33,15 +32,11 @@ def _assistant(params_file: Path, model_dir: Path):
     from vlm.assistant import Assistant
     from vlm.export import EXPORT_CONFIG, load
 
-    if not (model_dir / EXPORT_CONFIG).is_file() and not (model_dir / "vlm_config.json").is_file():
+    if (model_dir / EXPORT_CONFIG).is_file():
+        return load(model_dir)
+    if not (model_dir / "vlm_config.json").is_file():
         raise typer.BadParameter(f"{model_dir}: no trained model there; run `dvc repro` first")
-    with warnings.catch_warnings():
-        # peft reads transformers' deprecated `is_gradient_checkpointing` as it wraps the LLM: a FutureWarning about
-        # the two libraries' internals, printed before every answer, that nobody at the command line can act on
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        if (model_dir / EXPORT_CONFIG).is_file():
-            return load(model_dir)
-        return Assistant.from_pipeline(load_params(params_file), model_dir)
+    return Assistant.from_pipeline(load_params(params_file), model_dir)
 
 
 ParamsOption = typer.Option(Path("params.yaml"), "--params", help="params.yaml the model was trained with")

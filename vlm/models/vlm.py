@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -62,7 +64,8 @@ class VisionLanguageModel(nn.Module):
         base, tokenizer = _load_llm(llm_dir)
         peft_config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                      target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
-        llm = get_peft_model(base, peft_config)  # freezes every base weight
+        with _quiet_peft():
+            llm = get_peft_model(base, peft_config)  # freezes every base weight
         projector = Projector(qformer.config.hidden_size, projector_hidden, base.config.hidden_size)
         return cls(qformer, projector, llm, tokenizer, system_prompt, str(llm_dir))
 
@@ -83,7 +86,8 @@ class VisionLanguageModel(nn.Module):
         if merged and llm_dir is None and not own_llm.is_dir():
             raise FileNotFoundError(f"{own_llm} not found: {model_dir} holds a merged model, whose LLM is there")
         base, tokenizer = _load_llm(Path(llm_dir or (own_llm if own_llm.is_dir() else config["llm_source"])))
-        llm = base if merged else PeftModel.from_pretrained(base, model_dir / ADAPTER_SUBDIR)
+        with _quiet_peft():
+            llm = base if merged else PeftModel.from_pretrained(base, model_dir / ADAPTER_SUBDIR)
         projector = Projector(**config["projector"])
         projector.load_state_dict(load_file(model_dir / "projector.safetensors"))
         qformer = QFormer.load(model_dir / "qformer")
@@ -350,6 +354,15 @@ class VisionLanguageModel(nn.Module):
             ids[row, length + width - len(user):] = torch.tensor(user)
             mask[row, length + width - len(user):] = 1
         return ids.to(image_embeds.device), mask.to(image_embeds.device), cache
+
+
+@contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft reads transformers' deprecated `is_gradient_checkpointing` as it wraps the LLM: a FutureWarning about
+    the two libraries' internals, printed by every stage, `vlm caption` and `vlm ask`, that no user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def _right_aligned(tokens: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
