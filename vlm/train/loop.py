@@ -1,9 +1,9 @@
 """The training loop both training stages share.
 
 A stage supplies a `step_losses(batch) -> dict[str, Tensor]` (with a "loss" entry to minimise) and an iterator
-of batches; this module owns everything else: AdamW, warmup + cosine schedule, bf16 autocast, gradient
-clipping, gradient averaging across ranks, a NaN guard, checkpoints and resume, the progress bar and per-step
-DVCLive logging.
+of batches; this module owns everything else: AdamW, warmup + cosine schedule, bf16 autocast (with the attention
+kernels that suit it, `vlm.precision.attention_kernels`), gradient clipping, gradient averaging across ranks, a
+NaN guard, checkpoints and resume, the progress bar and per-step DVCLive logging.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from vlm import distributed
 from vlm.config import TrainConfig
-from vlm.precision import autocast
+from vlm.precision import attention_kernels, autocast
 from vlm.train.checkpoint import Checkpointer
 
 StepLosses = Callable[[object], dict[str, torch.Tensor]]
@@ -68,7 +68,7 @@ def train(parameters: list[torch.nn.Parameter] | list[dict], step_losses: StepLo
     for batch in batches:
         if step >= total_steps:
             break
-        with autocast(config.precision):
+        with autocast(config.precision), attention_kernels(config.precision):
             losses = step_losses(batch)
         # Means over ranks, reduced once: they are both what gets logged and what the NaN guard checks.
         values = {f"train/{name}": float(distributed.all_reduce_mean(value)) for name, value in losses.items()}
