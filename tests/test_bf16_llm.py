@@ -40,7 +40,7 @@ def test_frozen_llm_in_bf16_gives_autocasts_numbers(folders) -> None:
     number either. (SDPA kept here, so that only these two differ from the plain autocast run.)"""
     model = tiny_vlm(folders, perturb_seed=1).train()
     reference_loss, reference_grads = bf16_loss_and_grads(model)
-    with frozen_llm_in_bf16(model.llm, eager_attention=False):
+    with frozen_llm_in_bf16(model, eager_attention=False):
         loss, grads = bf16_loss_and_grads(model)
     torch.testing.assert_close(loss, reference_loss, atol=0, rtol=0)
     for name, grad in grads.items():
@@ -53,7 +53,7 @@ def test_frozen_llm_in_bf16_holds_only_frozen_linear_weights_in_bf16_and_restore
     base = model.base_llm
     frozen_linear = {id(p) for m in model.llm.modules() if isinstance(m, nn.Linear)
                      for p in m.parameters(recurse=False) if not p.requires_grad}  # the tied embedding among them
-    with frozen_llm_in_bf16(model.llm, eager_attention=True):
+    with frozen_llm_in_bf16(model, eager_attention=True):
         for name, param in model.llm.named_parameters():
             assert param.dtype == (torch.bfloat16 if id(param) in frozen_linear else torch.float32), name
         assert model.llm.get_input_embeddings().weight.dtype == torch.bfloat16  # tied to the LM head

@@ -35,10 +35,13 @@ def effective_precision(precision: str) -> str:
     return "bf16" if precision == "bf16" and bf16_supported() else "fp32"
 
 
+def bf16_on_cpu(precision: str) -> bool:
+    """Whether `autocast(precision)` runs bf16 on a CPU: where PyTorch's fused attention kernel is the slow one."""
+    return not torch.cuda.is_available() and effective_precision(precision) == "bf16"
+
+
 def attention_kernels(precision: str) -> AbstractContextManager:
     """The SDPA kernels a training forward under `autocast(precision)` should use: on a CPU running bf16, the
     math kernel (measured, 2 cores with AMX, a train_vlm alignment step of the Q-Former: 0.65 -> 0.44 s); on
     CUDA, or in fp32 (where the fused kernel is as fast), PyTorch's own choice."""
-    if torch.cuda.is_available() or effective_precision(precision) != "bf16":
-        return nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
+    return sdpa_kernel(SDPBackend.MATH) if bf16_on_cpu(precision) else nullcontext()

@@ -21,30 +21,34 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from peft.helpers import disable_input_dtype_casting
 from torch import nn
 
+if TYPE_CHECKING:
+    from vlm.models.vlm import VisionLanguageModel
+
 
 @contextmanager
-def frozen_llm_in_bf16(llm: nn.Module, eager_attention: bool) -> Iterator[None]:
-    """`llm`: the peft-wrapped causal LM (or a plain one). Use inside, or around, bf16 autocast."""
+def frozen_llm_in_bf16(model: VisionLanguageModel, eager_attention: bool) -> Iterator[None]:
+    """The model's LLM as above while inside; use inside, or around, bf16 autocast."""
     frozen = {}  # by identity: a tied LM head and input embedding are one parameter
-    for module in llm.modules():
+    for module in model.llm.modules():
         if isinstance(module, nn.Linear):
             for param in module.parameters(recurse=False):
                 if not param.requires_grad and param.dtype == torch.float32:
                     frozen[id(param)] = param
     kept = {key: param.data for key, param in frozen.items()}
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    base = model.base_llm
     attention = base.config._attn_implementation
     try:
         for param in frozen.values():
             param.data = param.data.to(torch.bfloat16)
         if eager_attention:
             base.set_attn_implementation("eager")
-        with disable_input_dtype_casting(llm):
+        with disable_input_dtype_casting(model.llm):
             yield
     finally:
         for key, param in frozen.items():

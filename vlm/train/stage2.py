@@ -22,7 +22,7 @@ from vlm.data.dataset_io import read_split
 from vlm.data.embeddings import Embeddings, available, gather
 from vlm.models.prompt import ChatPrompt, Example
 from vlm.models.vlm import VisionLanguageModel
-from vlm.precision import effective_precision
+from vlm.precision import bf16_on_cpu, effective_precision
 from vlm.train.bf16_llm import frozen_llm_in_bf16
 from vlm.train.checkpoint import Checkpointer
 from vlm.train.loop import train
@@ -111,8 +111,7 @@ def train_vlm(model: VisionLanguageModel, embeddings: Embeddings, dataset_path: 
     batch_size = min(config.batch_size, images)
     steps = max(1, math.ceil(config.epochs * images / batch_size))
     batches = conversation_batches(embeddings, tasks, model.prompt, batch_size, config.seed)
-    device = distributed.device()
-    model.to(device).train()
+    model.to(distributed.device()).train()
     if config.qformer_lr == 0:
         # Frozen Q-Former (the default): with a short stage 2, training it let the LLM's loss wash the image out of
         # its queries (measured: VQA 0.36 -> 0.41 and CIDEr 0.48 -> 1.10 frozen, same steps; see README).
@@ -136,7 +135,7 @@ def train_vlm(model: VisionLanguageModel, embeddings: Embeddings, dataset_path: 
         run = {"stage": "train_vlm", "llm": asdict(llm), "train": asdict(config), "steps": steps,
                **(fingerprint or {})}
         checkpointer = Checkpointer(checkpoint_dir, config.checkpoint_every, model, run)
-    in_bf16 = frozen_llm_in_bf16(model.llm, eager_attention=device.type == "cpu") \
+    in_bf16 = frozen_llm_in_bf16(model, eager_attention=bf16_on_cpu(config.precision)) \
         if effective_precision(config.precision) == "bf16" else nullcontext()
     with in_bf16:  # the frozen LLM as autocast would cast it, held so instead of cast anew at every step
         final = train(groups, step_losses, batches, steps, config, log_dir, description="train_vlm",
