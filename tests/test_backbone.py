@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import open_clip
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -58,7 +59,7 @@ def test_local_hf_folder_round_trip(make_model, tmp_path: Path) -> None:
     assert (metadata["hidden_size"], metadata["num_tokens"], metadata["image_size"]) == (
         str(WIDTH), str(_tokens_for(NATIVE_SIZE)), str(NATIVE_SIZE))
     assert json.loads(metadata["image_mean"]) == MEAN and json.loads(metadata["image_std"]) == STD
-    assert metadata["resize"] == "bicubic"
+    assert metadata["resize"] == "bicubic-antialias"
 
 
 @pytest.mark.parametrize("make_model", [_tiny_dinov2, _tiny_clip_vision], ids=["dinov2", "clip_vision"])
@@ -143,6 +144,20 @@ def test_preprocess_resizes_and_normalises(tmp_path: Path) -> None:
         torch.testing.assert_close(pixels[1, channel], torch.full((40, 40), expected_grey))
     with pytest.raises(ValueError, match="at least one image"):
         backbone.preprocess([])
+
+
+@pytest.mark.parametrize("size", [(224, 224), (640, 480), (23, 31), (40, 40)])  # down, down (aspect), up, same
+def test_preprocess_resizes_like_pil_bicubic(tmp_path: Path, size: tuple[int, int]) -> None:
+    """RESIZE_METHOD is PIL's bicubic filter (antialiased when shrinking) computed by torch: every pixel within one
+    grey level of PIL's, so embeddings made here match a PIL pipeline's."""
+    backbone = VisionBackbone.from_folder(_save_hf_folder(_tiny_dinov2(), tmp_path / "vision"), image_size=40)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    expected = np.asarray(image.resize((40, 40), Image.Resampling.BICUBIC)).astype(np.float32)
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    levels = (backbone.preprocess([image])[0] * std + mean) * 255  # back to 0..255
+    difference = (levels - torch.from_numpy(expected).permute(2, 0, 1)).abs()
+    assert difference.max() < 1.01
+    assert (difference > 0.5).float().mean() < 0.01  # nearly all equal
 
 
 def test_backbone_is_frozen_and_stays_in_eval_mode(tmp_path: Path) -> None:

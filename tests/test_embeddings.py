@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -60,6 +62,28 @@ def test_round_trip_keeps_ids_in_order_and_values_in_fp16(tmp_path: Path) -> Non
     assert loaded.metadata["backbone_name"] == "hf:Test"
     assert (loaded.metadata["num_tokens"], loaded.metadata["hidden_size"]) == (str(TOKENS), str(HIDDEN))
     assert not (tmp_path / "train.parquet.tmp").exists()
+
+
+def test_each_value_is_the_float16_bytes_of_one_image(tmp_path: Path) -> None:
+    """The documented layout, read without the loader: little-endian float16, [num_tokens, hidden_size] row-major."""
+    path = tmp_path / "train.parquet"
+    batches = random_batches([3])
+    write_store(path, batches)
+    column = pq.read_table(path).column("embedding")
+    assert column.type.byte_width == TOKENS * HIDDEN * 2
+    first = np.frombuffer(column[1].as_py(), "<f2").reshape(TOKENS, HIDDEN)
+    assert np.array_equal(first, batches[0][1][1].to(torch.float16).numpy())
+
+
+def test_a_store_in_another_layout_is_refused_with_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "train.parquet"  # the float16 lists of earlier versions, without the format key
+    schema = pa.schema([("image_id", pa.string()), ("embedding", pa.list_(pa.float16(), TOKENS * HIDDEN))],
+                       metadata={**METADATA, "num_tokens": str(TOKENS), "hidden_size": str(HIDDEN)})
+    values = pa.array(np.zeros(TOKENS * HIDDEN, np.float16), type=pa.float16())
+    pq.write_table(pa.table([pa.array(["a"]), pa.FixedSizeListArray.from_arrays(values, TOKENS * HIDDEN)],
+                            schema=schema), path)
+    with pytest.raises(EmbeddingStoreError, match=r"train.parquet: stores its embeddings as float16 lists.*dvc repro embed"):
+        load_embeddings(path)
 
 
 def test_expected_metadata_mismatch_names_the_key(tmp_path: Path) -> None:

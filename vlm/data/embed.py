@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from vlm import distributed
 from vlm.data.dataset_io import DatasetError, decode_image, read_split
-from vlm.data.embeddings import EmbeddingStoreError, EmbeddingWriter, read_file_metadata, shard_name
+from vlm.data.embeddings import (EMBEDDING_FORMAT, EmbeddingStoreError, EmbeddingWriter, read_file_metadata,
+                                 shard_name)
 from vlm.precision import autocast, effective_precision
 
 if TYPE_CHECKING:  # annotations only: callers bring the backbone, and importing it pulls in transformers (~10 s)
@@ -102,9 +103,10 @@ def weights_fingerprint(backbone: VisionBackbone) -> str:
 
 
 def made_with(backbone: VisionBackbone, precision: str) -> dict[str, str]:
-    """The metadata that says which backbone, weights, preprocessing and precision made some embeddings."""
+    """The metadata that says which backbone, weights, preprocessing and precision made some embeddings, and how
+    they are stored (the writer records that too; here, so that a shard of another layout is not kept)."""
     return {**backbone.metadata(), "precision": effective_precision(precision),
-            "backbone_weights": weights_fingerprint(backbone)}
+            "backbone_weights": weights_fingerprint(backbone), "embedding_format": EMBEDDING_FORMAT}
 
 
 def blank_image(backbone: VisionBackbone) -> Image.Image:
@@ -283,4 +285,4 @@ def _embed_batch(backbone: VisionBackbone, writer: EmbeddingWriter, ids: list[st
                  precision: str) -> None:
     with torch.inference_mode(), autocast(precision):
         tokens = backbone(backbone.preprocess(images))
-    writer.write(ids, tokens.float())
+    writer.write(ids, tokens)  # the writer stores float16 (bf16 -> fp16 rounds once, as through fp32)
