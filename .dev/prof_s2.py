@@ -6,7 +6,9 @@ from vlm.models.vlm import VisionLanguageModel
 from vlm.train.stage2 import train_vlm
 steps = int(sys.argv[1]) if len(sys.argv) > 1 else 10
 prof = len(sys.argv) > 2 and sys.argv[2] == "prof"
-ws = Workspace(Path("models/base"), images=128)
+import os, vlm.models.vlm as vm
+if os.environ.get("MULT"): vm.TRAIN_LENGTH_MULTIPLE = int(os.environ["MULT"])
+ws = Workspace(Path("models/base"), images=256)
 p = ws.params
 torch.manual_seed(0)
 model = VisionLanguageModel.create(ws.qformer_dir, ws.models / "llm", p.projector.hidden_dim, p.lora, p.llm.system_prompt)
@@ -38,4 +40,4 @@ else:
     train_vlm(model, emb, ws.dataset, p.llm, cfg, log_dir=None)
 starts.append(time.perf_counter())
 d = [round(b - a, 2) for a, b in zip(starts, starts[1:])]
-print("step s:", d, "mean after 2:", sum(d[2:]) / max(1, len(d[2:])))
+print("MULT", os.environ.get("MULT"), "mean after 2:", round(sum(d[2:]) / max(1, len(d[2:])), 3))

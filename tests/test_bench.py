@@ -13,6 +13,7 @@ from tiny_models import tiny_llm
 from tiny_qformer import IMAGE_WIDTH, single_torch_thread, tiny_qformer  # noqa: F401 (autouse fixture)
 from torch.utils.flop_counter import FlopCounterMode
 
+import vlm.models.vlm
 from vlm.config import LoraConfig
 from vlm.models.packing import PADDING, pack, turn_attention_mask
 from vlm.models.prompt import Example
@@ -79,11 +80,13 @@ def test_packed_pairs_are_the_pairs_the_packing_mask_allows() -> None:
 
 
 @pytest.mark.parametrize("frozen_qformer", [False, True], ids=["qformer-trains", "qformer-frozen"])
-def test_step_flops_match_torch_flop_counter_on_a_tiny_vlm(tmp_path: Path, frozen_qformer: bool) -> None:
+def test_step_flops_match_torch_flop_counter_on_a_tiny_vlm(tmp_path: Path, frozen_qformer: bool,
+                                                         monkeypatch) -> None:
     """Every linear layer of a training step (LLM with LoRA, LM head on answer tokens, Q-Former image path,
     projector), forward and backward, against FlopCounterMode's count of the matmuls that really ran, with the
-    Q-Former trained or frozen as train_vlm freezes it (qformer_lr 0). The rows have equal lengths, so no padding
-    makes the two differ."""
+    Q-Former trained or frozen as train_vlm freezes it (qformer_lr 0). The rows have equal lengths and are not
+    padded to a multiple (model FLOPs count real tokens only), so no padding makes the two differ."""
+    monkeypatch.setattr(vlm.models.vlm, "TRAIN_LENGTH_MULTIPLE", 1)
     tiny_qformer(tmp_path / "bert", num_queries=4, cross_attention_freq=2).save(tmp_path / "qformer")
     tiny_llm(tmp_path / "llm")
     torch.manual_seed(0)

@@ -9,7 +9,6 @@ import pytest
 import torch
 from tiny_models import image_embeds, tiny_vlm, tiny_vlm_folders
 from tiny_qformer import single_torch_thread  # noqa: F401 (autouse fixture)
-from torch import nn
 
 import vlm.precision
 from vlm.models.vlm import VisionLanguageModel
@@ -36,26 +35,28 @@ def bf16_loss_and_grads(model: VisionLanguageModel) -> tuple[torch.Tensor, dict[
 
 
 def test_frozen_llm_in_bf16_gives_autocasts_numbers(folders) -> None:
-    """bf16 weights held = the weights autocast would cast; peft's fp32 round trip of LoRA's input changes no
-    number either. (SDPA kept here, so that only these two differ from the plain autocast run.)"""
+    """bf16 weights held = the weights autocast would cast; norm weights that are bf16 numbers (as the tiny
+    model's ones, and SmolLM2's) give the same products in bf16; peft's fp32 round trip of LoRA's input changes
+    no number either. So the loss is the same to the bit. (SDPA kept here, so that only these differ from the
+    plain autocast run.) The gradients differ by rounding alone: a norm's output is now bf16, so the gradients
+    its consumers (q, k, v, LoRA) send back are summed in bf16 rather than fp32."""
     model = tiny_vlm(folders, perturb_seed=1).train()
     reference_loss, reference_grads = bf16_loss_and_grads(model)
     with frozen_llm_in_bf16(model, eager_attention=False):
         loss, grads = bf16_loss_and_grads(model)
     torch.testing.assert_close(loss, reference_loss, atol=0, rtol=0)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, reference_grads[name], atol=0, rtol=0, msg=name)
+    for name, grad in grads.items():  # measured: at most 1.0% (bf16 keeps 8 bits, 0.4% a rounding)
+        assert (grad - reference_grads[name]).norm() <= 0.03 * reference_grads[name].norm(), name
 
 
-def test_frozen_llm_in_bf16_holds_only_frozen_linear_weights_in_bf16_and_restores_them(folders) -> None:
+def test_frozen_llm_in_bf16_holds_only_frozen_weights_in_bf16_and_restores_them(folders) -> None:
     model = tiny_vlm(folders, perturb_seed=1)
     before = {name: p.detach().clone() for name, p in model.llm.named_parameters()}
     base = model.base_llm
-    frozen_linear = {id(p) for m in model.llm.modules() if isinstance(m, nn.Linear)
-                     for p in m.parameters(recurse=False) if not p.requires_grad}  # the tied embedding among them
     with frozen_llm_in_bf16(model, eager_attention=True):
-        for name, param in model.llm.named_parameters():
-            assert param.dtype == (torch.bfloat16 if id(param) in frozen_linear else torch.float32), name
+        for name, param in model.llm.named_parameters():  # LoRA trains in fp32
+            assert param.dtype == (torch.float32 if param.requires_grad else torch.bfloat16), name
+        assert any("norm" in name and param.dtype == torch.bfloat16 for name, param in model.llm.named_parameters())
         assert model.llm.get_input_embeddings().weight.dtype == torch.bfloat16  # tied to the LM head
         assert base.config._attn_implementation == "eager"
         assert not any(getattr(m, "cast_input_dtype_enabled", False) for m in model.llm.modules())

@@ -87,3 +87,15 @@ def test_rows_may_have_visual_blocks_of_their_own_length() -> None:
     assert left.attention_mask[1].tolist() == [0, 0] + [1] * 7
     with pytest.raises(ValueError, match="2 visual-token counts for 1 rows"):
         pack(PREFIX, [3, 1], [[TURN_A]], PAD, left_pad=False)
+
+
+def test_length_multiple_only_adds_padding() -> None:
+    rows = [[TURN_A, TURN_B], [TURN_B]]
+    exact = pack(PREFIX, VISUAL, rows, PAD, left_pad=False)
+    padded = pack(PREFIX, VISUAL, rows, PAD, left_pad=False, length_multiple=8)
+    assert exact.ids.shape[1] == 13 and padded.ids.shape[1] == 16
+    for name in ("ids", "is_visual", "segments", "position_ids", "labels"):
+        assert torch.equal(getattr(padded, name)[:, :13], getattr(exact, name)), name
+    assert (padded.segments[:, 13:] == PADDING).all() and (padded.labels[:, 13:] == IGNORE_INDEX).all()
+    with pytest.raises(ValueError, match="length_multiple"):
+        pack(PREFIX, VISUAL, rows, PAD, left_pad=False, length_multiple=0)

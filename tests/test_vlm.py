@@ -16,6 +16,7 @@ from tiny_models import TINY_VLM_SYSTEM_PROMPT as SYSTEM
 from tiny_models import TINY_VLM_LORA, image_embeds, tiny_vlm, tiny_vlm_folders
 from tiny_qformer import single_torch_thread  # noqa: F401 (autouse fixture)
 
+from vlm.models.packing import TRAIN_LENGTH_MULTIPLE
 from vlm.models.prompt import IGNORE_INDEX, Example
 from vlm.models.vlm import STAGE1_ONLY, VisionLanguageModel
 
@@ -154,8 +155,10 @@ def test_right_padding_for_training_left_padding_for_generation(model) -> None:
         visual = model.visual_tokens(image_embeds(len(batch)))
     right_mask, left_mask = right.attention_mask, left.attention_mask
     width = max(lengths)
+    right_width = -(-width // TRAIN_LENGTH_MULTIPLE) * TRAIN_LENGTH_MULTIPLE  # training rows: to a multiple
+    assert right_mask.shape[1] == right_width and right_width % TRAIN_LENGTH_MULTIPLE == 0
     for row, length in enumerate(lengths):
-        assert right_mask[row].tolist() == [1] * length + [0] * (width - length)
+        assert right_mask[row].tolist() == [1] * length + [0] * (right_width - length)
         assert left_mask[row].tolist() == [0] * (width - length) + [1] * length
         # Left padding shifts the whole row, visual block included.
         start = width - length + len(model.prompt.prefix_ids)

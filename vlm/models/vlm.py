@@ -28,7 +28,7 @@ from vlm.config import LoraConfig
 from vlm.models.cell_labels import labelled_slots
 from vlm.models.empty_cells import EmptyCellRule
 from vlm.models.greedy import greedy_decode, mask_positions
-from vlm.models.packing import PackedRows, pack, turn_attention_mask
+from vlm.models.packing import TRAIN_LENGTH_MULTIPLE, PackedRows, pack, turn_attention_mask
 from vlm.models.projector import Projector
 from vlm.models.prompt import IGNORE_INDEX, ChatPrompt, Example
 from vlm.models.qformer import QFormer
@@ -241,11 +241,13 @@ class VisionLanguageModel(nn.Module):
         """(inputs_embeds [B, L, D], token layout) for a batch of rows, each the turns about one image.
 
         Layout per row: system turn | visual tokens | turn 1 | turn 2 | ... (see `vlm/models/packing.py`).
-        Left padding for generation (one turn per row, all rows end together), right padding for training.
+        Left padding for generation (one turn per row, all rows end together), right padding for training (to a
+        multiple of TRAIN_LENGTH_MULTIPLE tokens).
         """
         self._check_context(rows, image_embeds.shape[0])
         visual, keep = self.visual_block(image_embeds)
-        layout = pack(self.prompt.prefix_ids, keep.sum(1).tolist(), rows, self.pad_id, left_pad).to(visual.device)
+        layout = pack(self.prompt.prefix_ids, keep.sum(1).tolist(), rows, self.pad_id, left_pad,
+                      length_multiple=1 if left_pad else TRAIN_LENGTH_MULTIPLE).to(visual.device)
         embeds = self.llm.get_input_embeddings()(layout.ids).to(visual.dtype)
         embeds = embeds.masked_scatter(layout.is_visual[..., None], visual[keep])  # row by row, in order
         return embeds, layout
