@@ -30,7 +30,7 @@ class Sizes:
 
 # 512 images: one full shard of the embed stage, so its fixed costs (weights fingerprint, file footers) weigh as
 # little as in a real split; 3 repetitions: this VM's speed drifts by tens of percent from run to run.
-FULL = Sizes(images=512, repeats=3, qformer_steps=3, vlm_steps=4, generation_images=16, memory_n=64)
+FULL = Sizes(images=512, repeats=3, qformer_steps=3, vlm_steps=24, generation_images=16, memory_n=64)
 QUICK = Sizes(images=16, repeats=1, qformer_steps=1, vlm_steps=1, generation_images=2, memory_n=4)
 
 

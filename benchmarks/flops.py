@@ -20,6 +20,7 @@ against torch's FlopCounterMode on a tiny model and the attention pairs against 
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -187,3 +188,29 @@ def matmul_peak(dtype: torch.dtype, repeats: int = 5, min_seconds: float = 0.05,
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best, size
+
+
+class MatmulProbe:
+    """The matmul rate sampled between the steps of a run, one n x n product per call (n as `matmul_peak` picks
+    it): on a VM whose speed drifts by tens of percent within minutes, a best-of-5 taken before and after the
+    steps swung from 612 to 1942 GFLOP/s in bf16 between runs, so the median of samples taken among the steps
+    is the rate the steps themselves could have had."""
+
+    def __init__(self, dtype: torch.dtype, max_size: int = 2048):
+        _, self.size = matmul_peak(dtype, repeats=1, max_size=max_size)
+        self.a = torch.randn(self.size, self.size, dtype=dtype)
+        self.b = torch.randn(self.size, self.size, dtype=dtype)
+        self.rates: list[float] = []
+        self.seconds = 0.0  # spent probing, to take out of the steps' time
+
+    def __call__(self) -> None:
+        start = time.perf_counter()
+        torch.mm(self.a, self.b)
+        took = time.perf_counter() - start
+        self.rates.append(2 * self.size ** 3 / took)
+        self.seconds += took
+
+    def median(self) -> float:
+        if not self.rates:
+            raise ValueError("MatmulProbe: no samples taken")
+        return statistics.median(self.rates)

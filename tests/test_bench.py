@@ -21,6 +21,7 @@ from vlm.models.vlm import VisionLanguageModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.flops import (  # noqa: E402
+    MatmulProbe,
     attention_flops,
     causal_pairs,
     linear_flops,
@@ -112,6 +113,17 @@ def test_step_flops_match_torch_flop_counter_on_a_tiny_vlm(tmp_path: Path, froze
 def test_matmul_peak_reports_flops_of_the_size_it_timed() -> None:
     flops, size = matmul_peak(torch.float32, repeats=1, min_seconds=0.0, max_size=128)
     assert size == 128 and flops > 0
+
+
+def test_matmul_probe_takes_one_timed_sample_a_call() -> None:
+    probe = MatmulProbe(torch.float32, max_size=64)
+    with pytest.raises(ValueError, match="no samples"):
+        probe.median()
+    for _ in range(3):
+        probe()
+    assert len(probe.rates) == 3 and probe.seconds > 0
+    assert min(probe.rates) <= probe.median() <= max(probe.rates)
+    assert probe.median() == sorted(probe.rates)[1]
 
 
 def test_profile_summary_gives_each_sample_to_the_first_matching_label() -> None:
