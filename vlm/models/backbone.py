@@ -26,9 +26,10 @@ from transformers import MODEL_MAPPING, AutoConfig, AutoModel
 from vlm.config import as_layers, layer_label
 from vlm.weights.sources import HF_PREPROCESSOR_CONFIG, OPEN_CLIP_CONFIG, SOURCE_RECORD
 
-# Bicubic with antialiasing, as PIL's BICUBIC resize does it, computed by torch's uint8 kernel: within one grey level
-# of PIL's pixels (nearly all equal) and ~7x faster (0.09 vs 0.6 ms a 224 px image on 2 cores), which was a
-# sixth of the `embed` stage's time in bf16 (BENCHMARKS.md, benchmark 1).
+# Bicubic with antialiasing, as PIL's BICUBIC resize does it, computed by torch's uint8 kernel: ~7x faster (0.09 vs
+# 0.6 ms a 224 px image on 2 cores; PIL's was a sixth of the `embed` stage's time in bf16, BENCHMARKS.md, benchmark 1).
+# Where both sides shrink, or both grow, every pixel is within one grey level of PIL's and nearly all are equal;
+# where one shrinks and the other grows, the two passes round in another order and noisy images differ by more.
 RESIZE_METHOD = "bicubic-antialias"
 
 
