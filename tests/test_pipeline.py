@@ -15,18 +15,67 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from pipeline_repo import commit_all, make_tiny_repo, run, set_params, stages_run
 from tiny_qformer import single_torch_thread  # noqa: F401 (autouse fixture)
 
 
+RECORD_IMPORTS = Path(__file__).resolve().parent / "record_imports"
+IMPORT_LOG = "imports.jsonl"  # beside the repository, not in it (it would be an untracked file there)
+
+# Modules a stage imports whose changes cannot change its outputs, so they are no dvc dep of it (a dep reruns the
+# stage, and what follows it, whenever the file changes). "*": any stage.
+NOT_DEPS = {
+    "*": {"vlm/artifacts.py": "where outputs go (paths) and how files are written whole, not what they hold",
+          "vlm/config.py": "reads params.yaml; every value a stage uses is a DVC param of it"},
+    "embed": {f"vlm/weights/{name}.py": "the weights stage's converters, imported with sources.py, not run here"
+              for name in ("dinov2_onnx", "gguf_llm", "wheels")},
+    "train_vlm": {"vlm/weights/wheels.py": "sha256_of, for the fingerprint that lets a killed run resume"},
+    "evaluate": {**{f"vlm/{name}.py": "imported with stage2.py's load_tasks; training only"
+                    for name in ("precision", "train/bf16_llm", "train/checkpoint", "train/loop")},
+                 "vlm/distributed.py": "the device to run on"},
+}
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    """A git + DVC repository holding this project's sources and tiny models, reproduced once and committed."""
-    repo = make_tiny_repo(tmp_path_factory.mktemp("pipeline"))
-    first = run(["dvc", "repro"], repo)
+    """A git + DVC repository holding this project's sources and tiny models, reproduced once and committed. The
+    first reproduction records the project modules each stage's processes imported (`record_imports/`)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    repo = make_tiny_repo(root / "repo")
+    first = run(["dvc", "repro"], repo, env={"PYTHONPATH": str(RECORD_IMPORTS),
+                                              "VLM_TEST_IMPORT_LOG": str(root / IMPORT_LOG)})
     assert stages_run(first) == ["data", "weights", "embed", "train_qformer", "train_vlm", "evaluate"]
     commit_all(repo, "first reproduction")
     return repo
+
+
+def test_every_project_module_a_stage_imports_is_a_dep_of_it(repo: Path) -> None:
+    """A module a stage runs but does not list as a dep could change without `dvc repro` rerunning the stage:
+    stale outputs that look current. Checked against what the stages really imported (lazy imports included),
+    not a static guess."""
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    scripts = {}
+    for name, stage in stages.items():
+        script = next(word for word in stage["cmd"].split() if word.startswith("stages"))
+        scripts[script if script.endswith(".py") else script.replace(".", "/") + ".py"] = name
+    imported: dict[str, set[str]] = {name: set() for name in stages}
+    for line in (repo.parent / IMPORT_LOG).read_text().splitlines():
+        record = json.loads(line)
+        stage = next((scripts[script] for arg in record["argv"] for script in scripts
+                      if arg.endswith(script)), None)
+        if stage is not None:  # DVC's own processes import nothing of the project
+            imported[stage].update(record["files"])
+    assert all(imported.values()), f"no imports recorded for some stages: {imported}"
+    missing = {}
+    for name, files in imported.items():
+        deps = [str(dep) for dep in stages[name].get("deps", [])]
+        exempt = NOT_DEPS["*"] | NOT_DEPS.get(name, {})
+        uncovered = sorted(file for file in files if file not in exempt and not file.endswith("__init__.py")
+                           and not any(file == dep or file.startswith(dep.rstrip("/") + "/") for dep in deps))
+        if uncovered:
+            missing[name] = uncovered
+    assert missing == {}, f"modules the stages import but do not list in dvc.yaml deps: {missing}"
 
 
 def test_repro_runs_every_stage_and_writes_metrics(repo: Path) -> None:
