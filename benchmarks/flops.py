@@ -191,13 +191,13 @@ def matmul_peak(dtype: torch.dtype, repeats: int = 5, min_seconds: float = 0.05,
 
 
 class MatmulProbe:
-    """The matmul rate sampled between the steps of a run, one n x n product per call (n as `matmul_peak` picks
-    it): on a VM whose speed drifts by tens of percent within minutes, a best-of-5 taken before and after the
+    """The matmul rate sampled between the steps of a run, one `size` x `size` product per call (the size
+    `matmul_peak` picked): on a VM whose speed drifts by tens of percent within minutes, a best-of-5 taken before and after the
     steps swung from 612 to 1942 GFLOP/s in bf16 between runs, so the median of samples taken among the steps
     is the rate the steps themselves could have had."""
 
-    def __init__(self, dtype: torch.dtype, max_size: int = 2048):
-        _, self.size = matmul_peak(dtype, repeats=1, max_size=max_size)
+    def __init__(self, dtype: torch.dtype, size: int):
+        self.size = size
         self.a = torch.randn(self.size, self.size, dtype=dtype)
         self.b = torch.randn(self.size, self.size, dtype=dtype)
         self.rates: list[float] = []

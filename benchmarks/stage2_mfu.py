@@ -45,19 +45,17 @@ def run(ws: Workspace, steps: int) -> Figure:
     # train_vlm runs ceil(epochs * images / batch) steps: one warm-up step plus the measured ones.
     config = replace(params.train_vlm, epochs=(steps + 1) * batch_size / images, checkpoint_every=0)
     starts: list[float] = []
+    probed_by_start: list[float] = []  # the probes' seconds so far, at each step's start
     rows: list = []
-    probe = MatmulProbe(dtype)
-    probed_before_measuring = 0.0
+    best_before, size = matmul_peak(dtype)
+    probe = MatmulProbe(dtype, size)
 
     def before_forward(module, args) -> None:
-        nonlocal probed_before_measuring
         probe()
-        if len(starts) < 2:  # the probes up to the first measured step are not inside the measured span
-            probed_before_measuring = probe.seconds
+        probed_by_start.append(probe.seconds)
         starts.append(time.perf_counter())
         rows.append(args[1])
 
-    best_before, size = matmul_peak(dtype)
     handle = model.register_forward_pre_hook(before_forward)
     try:
         train_vlm(model, embeddings, ws.dataset, params.llm, config, log_dir=None)
@@ -70,7 +68,7 @@ def run(ws: Workspace, steps: int) -> Figure:
 
     image_tokens = embeddings.tokens.shape[1]
     counted = [vlm_step_flops(model, image_tokens, step_rows) for step_rows in rows[1:]]  # skip the warm-up
-    seconds = starts[-1] - starts[1] - (probe.seconds - probed_before_measuring)
+    seconds = starts[-1] - starts[1] - (probe.seconds - probed_by_start[1])  # the probes inside the span
     flops = sum(step.total for step in counted)
     achieved = flops / seconds
     parts = {name: sum(getattr(step, name) for step in counted) / flops
@@ -84,7 +82,7 @@ def run(ws: Workspace, steps: int) -> Figure:
                  "s_per_step": seconds / measured, "gflop_per_step": flops / measured / 1e9,
                  "llm_tokens_per_step": sum(s.llm_tokens for s in counted) / measured,
                  "target_tokens_per_step": sum(s.target_tokens for s in counted) / measured,
-                 "achieved_gflops": achieved / 1e9, "peak_gflops": peak / 1e9, "peak_matmul_n": probe.size,
+                 "achieved_gflops": achieved / 1e9, "peak_gflops": peak / 1e9, "peak_matmul_n": size,
                  "peak_samples": len(probe.rates), "peak_best_gflops": best / 1e9,
                  "peak_bf16_gflops": bf16_peak / 1e9, "peak_bf16_matmul_n": bf16_size,
                  **{f"share_{name}": share for name, share in parts.items()}},

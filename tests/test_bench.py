@@ -116,7 +116,7 @@ def test_matmul_peak_reports_flops_of_the_size_it_timed() -> None:
 
 
 def test_matmul_probe_takes_one_timed_sample_a_call() -> None:
-    probe = MatmulProbe(torch.float32, max_size=64)
+    probe = MatmulProbe(torch.float32, size=64)
     with pytest.raises(ValueError, match="no samples"):
         probe.median()
     for _ in range(3):
