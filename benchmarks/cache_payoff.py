@@ -28,7 +28,7 @@ from vlm.losses import stage1_losses
 from vlm.models.qformer import QFormer
 from vlm.precision import autocast
 from vlm.train.loop import train
-from vlm.train.stage1 import caption_batches, caption_table, new_qformer
+from vlm.train.stage1 import caption_batches, image_texts, new_qformer
 
 GOAL = ">= 5"
 
@@ -62,7 +62,7 @@ class BackboneInTheLoop:
 def run(ws: Workspace, steps: int, repeats: int) -> Figure:
     params = ws.params
     config, train_config = params.qformer, params.train_qformer
-    image_ids, captions = caption_table(ws.dataset)
+    image_ids, captions, _ = image_texts(ws.dataset)
     embeddings = ws.embeddings
     assert embeddings.image_ids == image_ids, "the benchmark's embeddings are of its own dataset, in order"
     batch_size = min(train_config.batch_size, len(image_ids))

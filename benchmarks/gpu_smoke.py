@@ -59,7 +59,7 @@ def child(case: str, work: Path, precision: str) -> dict:
                             warmup_steps=1, precision=precision, log_every=1, checkpoint_every=0)
     embeddings = train_worker.tiny_embeddings(dataset)
     # The query alignment first, as the stage runs it (it once indexed the LLM's embedding matrix on the CPU)
-    align = replace(config.align, steps=3, spatial_grid=0, target="caption", batch_size=4)
+    align = replace(config.align, steps=3, target="caption", batch_size=4)
     out.update(align_queries(model, embeddings, dataset, replace(config, align=align), None))
     metrics = train_worker.train_vlm(model, embeddings, dataset, train_worker.LLMConfig(), config, None)
     out["param_device"] = str(next(p for p in model.parameters() if p.requires_grad).device)

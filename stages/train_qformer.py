@@ -16,7 +16,7 @@ from vlm.config import load_params
 from vlm.data.embeddings import expected_metadata, gather, load_embeddings
 from vlm.eval.retrieval import retrieval_metrics
 from vlm.precision import effective_precision
-from vlm.train.stage1 import caption_table, train_qformer
+from vlm.train.stage1 import image_texts, train_qformer
 
 
 def main() -> None:
@@ -31,15 +31,20 @@ def main() -> None:
         return
     qformer.save(QFORMER_DIR)
 
-    # Retrieval on the held-out test split: every caption against every image. ITM re-ranking only when ITM
+    # Retrieval on the held-out test split: every text (of the kind stage 1 trained on) against every image that
+    # has one; images without are no candidates, so they cannot count as misses. ITM re-ranking only when ITM
     # trained (untrained, its head is noise, and the re-ranking is most of the evaluation's cost).
     test_embeddings = load_embeddings(EMBEDDINGS_DIR / "test", expect=expected_metadata(params.backbone))
-    image_ids, captions = caption_table(DATASET_DIR / "test.parquet")
-    texts = [c for caps in captions for c in caps]
-    text_image_index = [i for i, caps in enumerate(captions) for _ in caps]
-    k_rerank = 16 if params.qformer.losses.itm > 0 else 0
-    metrics.update(retrieval_metrics(qformer, gather(test_embeddings, image_ids).float(), texts, text_image_index,
-                                     k_rerank=k_rerank))
+    image_ids, texts_of, _ = image_texts(DATASET_DIR / "test.parquet", params.train_qformer.texts)
+    if image_ids:
+        texts = [text for image in texts_of for text in image]
+        text_image_index = [index for index, image in enumerate(texts_of) for _ in image]
+        k_rerank = 16 if params.qformer.losses.itm > 0 else 0
+        metrics.update(retrieval_metrics(qformer, gather(test_embeddings, image_ids).float(), texts,
+                                         text_image_index, k_rerank=k_rerank))
+        metrics["retrieval_images"] = len(image_ids)
+    else:
+        print(f"train_qformer: retrieval skipped: no test image has {params.train_qformer.texts}")
     metrics["precision"] = effective_precision(params.train_qformer.precision)
     write_json(METRICS_DIR / "train_qformer.json", metrics)
     print("train_qformer:", metrics)

@@ -35,8 +35,9 @@ TINY_PARAMS = {
     "llm": {"source": "tiny/llm"},
     "train_qformer": {"epochs": 1, "batch_size": 8, "warmup_steps": 1, "log_every": 1, "precision": "fp32"},
     "train_vlm": {"epochs": 0.2, "batch_size": 8, "warmup_steps": 1, "log_every": 1, "precision": "fp32",
-                  # spatial_grid 1: one cell (the whole image), enough queries for any num_queries the tests set
-                  "align": {"steps": 3, "batch_size": 8, "warmup_steps": 1, "spatial_grid": 1}},
+                  "align": {"steps": 3, "batch_size": 8, "warmup_steps": 1},
+                  # grid size 1: one cell (the whole image), enough queries for any num_queries the tests set
+                  "grid": {"size": 1}},
     "eval": {"batch_size": 16, "max_new_tokens": 4},
 }
 

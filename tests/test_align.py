@@ -107,7 +107,7 @@ def test_alignment_teaches_the_visual_tokens_to_spell_their_captions(tmp_path: P
 
     before = slot_accuracy()
     config = replace(VLMTrainConfig(precision="fp32", checkpoint_every=0, seed=0),
-                     align=AlignConfig(steps=150, spatial_grid=0, target="caption", batch_size=4, lr=3e-3,
+                     align=AlignConfig(steps=150, target="caption", batch_size=4, lr=3e-3,
                                        qformer_lr=3e-3, warmup_steps=5))
     metrics = align_queries(model, embeddings, dataset, config, log_dir=None)
     after = slot_accuracy()
@@ -123,7 +123,7 @@ def test_alignment_with_qformer_lr_zero_trains_the_projector_alone(tmp_path: Pat
     qformer_before = {name: p.detach().clone() for name, p in model.qformer.named_parameters()}
     projector_before = {name: p.detach().clone() for name, p in model.projector.named_parameters()}
     config = replace(VLMTrainConfig(precision="fp32", checkpoint_every=0, seed=0),
-                     align=AlignConfig(steps=3, spatial_grid=0, target="caption", batch_size=4, lr=1e-3, qformer_lr=0.0,
+                     align=AlignConfig(steps=3, target="caption", batch_size=4, lr=1e-3, qformer_lr=0.0,
                                        warmup_steps=1))
     modes = training_modes(model.qformer)  # a frozen Q-Former runs without dropout
     align_queries(model, embeddings, dataset, config, log_dir=None)
@@ -140,7 +140,7 @@ def test_align_dropout_switches_the_qformers_dropout_and_it_trains_either_way(tm
     before = {name: p.detach().clone() for name, p in model.qformer.named_parameters()}
     modes = training_modes(model.qformer)
     config = replace(VLMTrainConfig(precision="fp32", checkpoint_every=0, seed=0),
-                     align=AlignConfig(steps=2, spatial_grid=0, target="caption", batch_size=4, qformer_lr=1e-3,
+                     align=AlignConfig(steps=2, target="caption", batch_size=4, qformer_lr=1e-3,
                                        warmup_steps=1, dropout=dropout))
     align_queries(model, embeddings, dataset, config, log_dir=None)
     assert modes == [dropout, dropout]  # training mode is what turns dropout on

@@ -7,7 +7,9 @@ from tiny_models import TINY_VLM_QUERIES, image_embeds, tiny_vlm, tiny_vlm_folde
 from tiny_qformer import single_torch_thread  # noqa: F401 (autouse fixture)
 
 from vlm.data.synthetic import SceneObject, canvas_position
-from vlm.models.cell_labels import SPARE_LABEL, cell_names, labelled_slots
+from vlm.models.cell_labels import cell_names, labelled_slots
+
+SPARE = "count"
 from vlm.models.vlm import VisionLanguageModel
 
 
@@ -36,10 +38,10 @@ class WordIds:
 
 def test_each_cells_name_comes_right_before_its_queries() -> None:
     tokenizer = WordIds()
-    layout = labelled_slots(tokenizer, num_queries=32, grid=3)
+    layout = labelled_slots(tokenizer, num_queries=32, grid=3, spare_label=SPARE)
     spelt = " ".join("q" if token is None else tokenizer.words[token] for token in layout)
     assert spelt == ("top left q q q top q q q top right q q q left q q q center q q q right q q q "
-                     f"bottom left q q q bottom q q q bottom right q q q {SPARE_LABEL} q q q q q")
+                     f"bottom left q q q bottom q q q bottom right q q q {SPARE} q q q q q")
 
 
 def test_the_visual_block_interleaves_label_words_and_queries_and_is_saved(tmp_path: Path) -> None:
@@ -48,8 +50,8 @@ def test_the_visual_block_interleaves_label_words_and_queries_and_is_saved(tmp_p
     with torch.no_grad():
         plain_loss = model(images, rows)
     model.qformer.use_spatial_grid(2)  # 4 queries, one per cell of a 2 x 2 grid
-    model.use_cell_labels(True)
-    layout = labelled_slots(model.tokenizer, TINY_VLM_QUERIES, 2)
+    model.use_cell_labels(True, SPARE)
+    layout = labelled_slots(model.tokenizer, TINY_VLM_QUERIES, 2, SPARE)
     assert model.num_visual_tokens == len(layout) > TINY_VLM_QUERIES
     with torch.no_grad():
         embeds, packed = model.build_inputs(images, rows, left_pad=False)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
 from vlm.config import LLMConfig, Params, ParamsError, QFormerLossWeights, TrainConfig, load_params
+from vlm.recipes import apply_recipe
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -34,9 +36,13 @@ def test_repository_params_load_into_typed_sections() -> None:
     assert isinstance(params.train_qformer.epochs, float)
 
 
-def test_the_code_defaults_are_the_documented_params(tmp_path: Path) -> None:
-    # A key left out of params.yaml (or a config built in Python) must mean what params.yaml says.
-    assert Params() == load_params(REPO_PARAMS)
+def test_the_code_defaults_are_the_documented_params_with_blip2s_plain_recipe(tmp_path: Path) -> None:
+    # A key left out of params.yaml (or a config built in Python) means what params.yaml says, except that the code
+    # defaults to BLIP-2's plain recipe (recipes/own-data.yaml) where params.yaml holds the synthetic scenes' one.
+    plain = tmp_path / "plain.yaml"
+    shutil.copy(REPO_PARAMS, plain)
+    assert apply_recipe(REPO_PARAMS.parent / "recipes" / "own-data.yaml", plain)
+    assert Params() == load_params(plain)
     raw = yaml.safe_load(REPO_PARAMS.read_text())
     del raw["train_vlm"]["qformer_lr"], raw["backbone"]["layer"]
     path = tmp_path / "params.yaml"

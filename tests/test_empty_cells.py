@@ -44,7 +44,7 @@ def labelled_model(tmp_path: Path) -> VisionLanguageModel:
     queries then name it about half the time, so images lose different cells."""
     model = tiny_vlm(tiny_vlm_folders(tmp_path), perturb_seed=1)
     model.qformer.use_spatial_grid(2)
-    model.use_cell_labels(True)
+    model.use_cell_labels(True, "count")
     model.drop_empty_cells(EmptyCellRule(none_ids=(5,), vocab=(5, 6)))
     return model
 
@@ -53,7 +53,7 @@ def test_the_llm_reads_only_the_cells_found_empty_not(tmp_path: Path) -> None:
     model = labelled_model(tmp_path)
     images = image_embeds(6, seed=2)
     rows = [[model.prompt.example("Describe the image.", "a red circle")]] * len(images)
-    layout = labelled_slots(model.tokenizer, TINY_VLM_QUERIES, 2)
+    layout = labelled_slots(model.tokenizer, TINY_VLM_QUERIES, 2, "count")
     with torch.no_grad():
         full = model.visual_tokens(images)
         queries = model.query_tokens(images)

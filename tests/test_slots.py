@@ -9,9 +9,9 @@ from tiny_qformer import single_torch_thread  # noqa: F401 (autouse fixture)
 
 from vlm.data.embeddings import Embeddings
 from vlm.eval.slots import reads_grid_slots, slot_metrics, slots_right
-from vlm.models.empty_cells import EMPTY_CELL, EmptyCellRule
+from vlm.models.empty_cells import EmptyCellRule
 from vlm.models.prompt import IGNORE_INDEX
-from vlm.train.align import grid_targets
+from vlm.train.align import grid_targets, phrase_ids
 
 # a 2 x 2 grid, one query per cell: the red circle's cell names " red", the others " none"
 REGIONS = {"a": [{"x": 0.2, "y": 0.2, "phrase": "red circle"}], "b": [{"x": 0.8, "y": 0.8, "phrase": "blue square"}]}
@@ -21,12 +21,12 @@ def test_slots_that_name_the_scene_are_right_and_a_misnamed_one_is_not(tmp_path:
     model = tiny_vlm(tiny_vlm_folders(tmp_path))
     assert not reads_grid_slots(model)  # plain queries: nothing to read
     model.qformer.use_spatial_grid(2)
-    model.use_cell_labels(True)
-    targets = grid_targets(model.tokenizer, REGIONS, TINY_VLM_QUERIES, 2)
+    model.use_cell_labels(True, "count")
+    none_ids = tuple(phrase_ids(model.tokenizer, "none"))
+    targets = grid_targets(model.tokenizer, REGIONS, TINY_VLM_QUERIES, 2, list(none_ids))
     assert TINY_VLM_QUERIES == 4 and IGNORE_INDEX not in sum(targets.values(), [])
     vocab = sorted(set(sum(targets.values(), [])))
     assert len(vocab) == 3  # " none" (unknown to the tiny tokenizer, but one id all the same), " red", " blue"
-    none_ids = tuple(model.tokenizer(" " + EMPTY_CELL, add_special_tokens=False)["input_ids"])
     model.drop_empty_cells(EmptyCellRule(none_ids, tuple(vocab)))
     assert reads_grid_slots(model)
     embedding = model.llm.get_input_embeddings().weight

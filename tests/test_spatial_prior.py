@@ -8,7 +8,7 @@ import torch
 from tiny_models import tiny_vlm, tiny_vlm_folders
 from tiny_qformer import IMAGE_WIDTH, tiny_qformer
 
-from vlm.config import AlignConfig, ParamsError, VLMTrainConfig
+from vlm.config import AlignConfig, GridConfig, ParamsError, VLMTrainConfig
 from vlm.data.dataset_io import DatasetError, read_split, write_split
 from vlm.data.embeddings import Embeddings, gather
 from vlm.data.synthetic import generate_records
@@ -16,7 +16,7 @@ from vlm.models.prompt import IGNORE_INDEX
 from vlm.models.qformer import QFormer, QFormerConfig
 from vlm.models.spatial_prior import (LEGACY_WIDTH_IN_CELLS, cross_attention_bias, patch_grid, query_cells,
                                      region_cell)
-from vlm.train.align import align_queries, grid_targets, image_regions
+from vlm.train.align import align_queries, grid_targets, image_regions, phrase_ids
 
 
 def test_queries_are_dealt_out_cell_by_cell_and_the_rest_get_none() -> None:
@@ -24,8 +24,8 @@ def test_queries_are_dealt_out_cell_by_cell_and_the_rest_get_none() -> None:
     assert query_cells(4, 2) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="needs at least 9 queries"):
         query_cells(8, 3)
-    with pytest.raises(ParamsError, match="train_vlm.align.spatial_grid"):
-        AlignConfig(spatial_grid=0, target="grid")
+    with pytest.raises(ParamsError, match="train_vlm.grid.size"):
+        VLMTrainConfig(align=AlignConfig(target="grid"), grid=GridConfig(size=0))
 
 
 def test_bias_peaks_at_each_querys_own_cell() -> None:
@@ -46,10 +46,10 @@ def test_a_narrower_width_keeps_a_query_closer_to_its_cell() -> None:
     far = 1 + 63  # the bottom-right patch
     assert narrow[0, far] < wide[0, far] < 0
     assert narrow[0, 1:].argmax() == wide[0, 1:].argmax()  # the same peak, inside the cell
-    with pytest.raises(ValueError, match="spatial_width"):
+    with pytest.raises(ValueError, match="train_vlm.grid.width"):
         cross_attention_bias(4, 1 + 64, 2, 0.0)
-    with pytest.raises(ParamsError, match="train_vlm.align.spatial_width"):
-        AlignConfig(spatial_width=0.0)
+    with pytest.raises(ParamsError, match="train_vlm.grid.width"):
+        GridConfig(width=0.0)
 
 
 def test_the_width_is_saved_with_the_qformer_and_old_configs_keep_theirs(tmp_path: Path) -> None:
@@ -91,10 +91,10 @@ def test_grid_targets_name_each_cells_object_and_none_elsewhere() -> None:
 
     regions = {"a": [{"x": 0.1, "y": 0.1, "phrase": "small red circle"},
                      {"x": 0.9, "y": 0.9, "phrase": "large blue square"}]}
-    slots = grid_targets(Words(), regions, num_slots=14, grid=2)["a"]  # 3 per cell, 2 left over: the count
+    slots = grid_targets(Words(), regions, num_slots=14, grid=2, empty_ids=[0])["a"]  # 3 per cell, 2 left over: the count
     assert slots == [1, 2, 3, 0, 0, 0, 0, 0, 0, 4, 5, 6, 7, 7]
-    with pytest.raises(ValueError, match="spatial_grid"):
-        grid_targets(Words(), regions, num_slots=14, grid=0)
+    with pytest.raises(ValueError, match="train_vlm.grid.size"):
+        grid_targets(Words(), regions, num_slots=14, grid=0, empty_ids=[0])
 
 
 def test_regions_round_trip_and_bad_regions_name_the_record(tmp_path: Path) -> None:
@@ -117,7 +117,8 @@ def test_grid_alignment_teaches_each_cells_queries_their_object(tmp_path: Path) 
     ids = [r["image_id"] for r in records]
     embeddings = Embeddings(ids, torch.randn(4, 17, IMAGE_WIDTH, generator=torch.Generator().manual_seed(0)).half(), {})
     model = tiny_vlm(tiny_vlm_folders(tmp_path, num_queries=12))  # plain queries, as stage 1 leaves them
-    targets = grid_targets(model.tokenizer, image_regions(tmp_path / "train.parquet"), 12, 2)
+    targets = grid_targets(model.tokenizer, image_regions(tmp_path / "train.parquet"), 12, 2,
+                           phrase_ids(model.tokenizer, "none"))
     target = torch.tensor([targets[i] for i in ids])
 
     def slot_accuracy() -> float:
@@ -128,7 +129,8 @@ def test_grid_alignment_teaches_each_cells_queries_their_object(tmp_path: Path) 
 
     before = slot_accuracy()
     config = replace(VLMTrainConfig(precision="fp32", checkpoint_every=0, seed=0),
-                     align=AlignConfig(steps=400, spatial_grid=2, target="grid", batch_size=4, lr=3e-3,
+                     grid=GridConfig(size=2),
+                     align=AlignConfig(steps=400, target="grid", batch_size=4, lr=3e-3,
                                        qformer_lr=3e-3, warmup_steps=5))
     align_queries(model, embeddings, tmp_path / "train.parquet", config, log_dir=None)
     assert model.qformer.config.spatial_grid == 2  # the queries keep their cells in the saved model

@@ -17,7 +17,8 @@ from transformers import Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalL
 
 from vlm.config import LLMConfig, LoraConfig, load_params
 from vlm.data.synthetic import ask_questions, image_rng, sample_scene, write_captions
-from vlm.models.cell_labels import SPARE_LABEL, cell_names
+from vlm.config import GridConfig
+from vlm.models.cell_labels import cell_names
 from vlm.models.vlm import VisionLanguageModel
 from vlm.weights.sources import HF_PREPROCESSOR_CONFIG
 
@@ -70,7 +71,7 @@ def _llm_corpus() -> list[str]:
         texts += [f"{qa.question} {qa.answer}" for qa in ask_questions(scene, rng)]
     for llm in (LLMConfig(), load_params(REPO_ROOT / "params.yaml").llm):
         texts += [llm.system_prompt, llm.caption_prompt, llm.question_suffix]
-    texts += cell_names(3) + [SPARE_LABEL]  # the words between the visual tokens (vlm/models/cell_labels.py)
+    texts += cell_names(3) + [GridConfig().spare_label]  # the words between the visual tokens (vlm/models/cell_labels.py)
     texts.append("Answer with one word.")  # a question suffix some tests set (the default is none)
     return texts
 

@@ -19,7 +19,7 @@ from vlm.data.embeddings import Embeddings
 from vlm.losses import stage1_losses
 from vlm.models.qformer import QFormer
 from vlm.models.vlm import VisionLanguageModel
-from vlm.train.stage1 import caption_batches, caption_table, train_qformer
+from vlm.train.stage1 import caption_batches, image_texts, train_qformer
 from vlm.train.stage2 import train_vlm
 
 IMAGE_TOKENS, IMAGE_WIDTH = 5, 12
@@ -29,7 +29,7 @@ LORA = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj")
 
 def tiny_embeddings(dataset: Path) -> Embeddings:
     """Random but fixed image embeddings, one per image of the split (the same in every process)."""
-    image_ids, _ = caption_table(dataset)
+    image_ids, _, _ = image_texts(dataset)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randn(len(image_ids), IMAGE_TOKENS, IMAGE_WIDTH, generator=generator).half()
     return Embeddings(image_ids, tokens, {})
@@ -41,7 +41,7 @@ def run_qformer(work: Path, log_dir: Path | None, checkpoint_dir: Path | None = 
     # ITC + ITG: ITM's hard negatives are drawn per rank, so it cannot match one process draw for draw.
     config = QFormerConfig(num_queries=4, cross_attention_freq=1, embed_dim=16, max_text_len=16,
                            losses=QFormerLossWeights(itc=1.0, itm=0.0, itg=1.0))
-    train = QFormerTrainConfig(epochs=STEPS * GLOBAL_BATCH / len(caption_table(dataset)[0]), batch_size=GLOBAL_BATCH,
+    train = QFormerTrainConfig(epochs=STEPS * GLOBAL_BATCH / len(image_texts(dataset)[0]), batch_size=GLOBAL_BATCH,
                                lr=lr, new_lr=new_lr, warmup_steps=1, precision="fp32", log_every=1,
                                checkpoint_every=checkpoint_every, dropout=dropout)
     return train_qformer(work / "bert", tiny_embeddings(dataset), dataset, config, train, log_dir, checkpoint_dir)
@@ -56,7 +56,7 @@ def run_vlm(work: Path, log_dir: Path | None, checkpoint_dir: Path | None = None
                                        system_prompt="Answer about the image.")
     if before_training is not None:
         before_training(model)
-    train = VLMTrainConfig(epochs=STEPS * GLOBAL_BATCH / len(caption_table(dataset)[0]), batch_size=GLOBAL_BATCH,
+    train = VLMTrainConfig(epochs=STEPS * GLOBAL_BATCH / len(image_texts(dataset)[0]), batch_size=GLOBAL_BATCH,
                            lr=1e-3, projector_lr=1e-3, qformer_lr=qformer_lr, warmup_steps=1, precision="fp32",
                            log_every=1, checkpoint_every=checkpoint_every)
     metrics = train_vlm(model, tiny_embeddings(dataset), dataset, LLMConfig(), train, log_dir, checkpoint_dir)
@@ -67,7 +67,7 @@ def qformer_gradients(work: Path, out_dir: Path) -> None:
     """The stage-1 gradient of one global batch (ITC + ITG), averaged over ranks, saved by rank 0."""
     dataset = work / "dataset.parquet"
     qformer = QFormer.load(work / "qformer").train()
-    image_ids, captions = caption_table(dataset)
+    image_ids, captions, _ = image_texts(dataset)
     batch = next(caption_batches(tiny_embeddings(dataset), image_ids, captions, qformer, GLOBAL_BATCH, seed=0))
     images, ids, mask, rows = (part[distributed.local_slice(GLOBAL_BATCH)] for part in batch)
     losses = stage1_losses(qformer, images, ids, mask, rows, {"itc": 1.0, "itg": 1.0},

@@ -13,8 +13,8 @@ from pathlib import Path
 import typer
 from PIL import Image, UnidentifiedImageError
 
-from vlm.artifacts import BASE_MODELS_DIR, METRICS_DIR, VLM_DIR
-from vlm.config import load_params
+from vlm.artifacts import BASE_MODELS_DIR, DATASET_DIR, METRICS_DIR, SPLITS, VLM_DIR
+from vlm.config import ParamsError, load_params
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -41,6 +41,54 @@ def _assistant(params_file: Path, model_dir: Path):
 
 ParamsOption = typer.Option(Path("params.yaml"), "--params", help="params.yaml the model was trained with")
 ModelOption = typer.Option(VLM_DIR, "--model", help="folder written by the train_vlm stage or by `vlm export`")
+
+
+@app.command()
+def check(params_file: Path = typer.Option(Path("params.yaml"), "--params", help="the params to check"),
+          dataset_dir: Path = typer.Option(DATASET_DIR, "--dataset", help="the data stage's output, if written")
+          ) -> None:
+    """Check that the params fit the data, in seconds: what each split holds, and every param that needs
+    something the data lacks, with the fix. Reads the `data` stage's splits if they exist, else the annotations
+    that `data.source` names (no image is read). The pipeline's `check` stage runs the same before `embed`."""
+    from vlm.data.checks import DataMismatch, check_params, raise_on_fatal, summarize_split
+    from vlm.data.imports import planned_summaries
+
+    params = load_params(params_file)
+    files = {split: dataset_dir / f"{split}.parquet" for split in SPLITS}
+    if all(path.is_file() for path in files.values()):
+        typer.echo(f"the data: {dataset_dir} (the data stage's output; rerun `dvc repro data` after changing data.*)")
+        splits = {split: summarize_split(path) for split, path in files.items()}
+    else:
+        typer.echo(f"the data: data.source {params.data.source} (annotations only; {dataset_dir} is not written yet)")
+        splits = planned_summaries(params.data)
+    for split, summary in splits.items():
+        typer.echo(f"  {split}: {summary.images} images, {summary.with_captions} with captions, "
+                   f"{summary.with_questions} with questions, {summary.with_regions} with regions")
+    try:
+        raise_on_fatal(check_params(params, splits))
+    except DataMismatch as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(1) from None
+    typer.echo("ok: the params fit the data")
+
+
+@app.command()
+def recipe(name: str = typer.Argument(..., help="a recipe in recipes/ (e.g. own-data) or a path to one"),
+           params_file: Path = typer.Option(Path("params.yaml"), "--params", help="the params file to change")
+           ) -> None:
+    """Apply a recipe: set its values in params.yaml, comments kept (then `dvc exp run` or `dvc repro`)."""
+    from vlm.recipes import apply_recipe, recipe_path
+
+    try:
+        path = recipe_path(name)
+        changes = apply_recipe(path, params_file)
+    except ParamsError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    for key, old, new in changes:
+        typer.echo(f"  {key}: {old!r} -> {new!r}")
+    typer.echo(f"{params_file}: {len(changes)} values changed by {path}" if changes
+               else f"{params_file} already follows {path}")
 
 
 @app.command()

@@ -29,6 +29,8 @@ Precision = Literal["bf16", "fp32"]
 
 
 DataSource = Literal["synthetic", "coco", "vqav2", "coco+vqav2", "jsonl"]
+# Image-text retrieval's recall@k (train_qformer's metrics); a test split needs more images than the largest k.
+RECALL_KS = (1, 5, 10)
 # Imported files must lie here: the `data` stage lists this folder as a DVC dependency, so a changed file reruns it.
 RAW_DATA_DIR = "data/raw"
 
@@ -242,8 +244,11 @@ class QFormerTrainConfig(TrainConfig):
     weight_decay: float = 0.05
     warmup_steps: int = 10
     log_every: int = 5
-    # BERT's dropout (0.1) in the Q-Former. Off by default: a CPU-length stage 1 underfits (README, "Dropout").
+    # BERT's dropout (0.1) in the Q-Former. Off by default: a CPU-length stage 1 underfits.
     dropout: bool = False
+    # The texts stage 1 pairs with each image: "captions" (BLIP-2; images without a caption are left out and
+    # counted), or "questions": each of the image's questions with its first answer, for data without captions.
+    texts: Literal["captions", "questions"] = "captions"
 
     def __post_init__(self) -> None:
         if self.new_lr is not None and self.new_lr <= 0:
@@ -251,47 +256,60 @@ class QFormerTrainConfig(TrainConfig):
 
 
 @dataclass(frozen=True)
+class GridConfig:
+    """Spatial queries, an opt-in recipe for data whose images come with regions (objects with a place and a
+    phrase): the synthetic scenes' recipe (recipes/scenes.yaml). `size` 0 keeps BLIP-2's plain queries.
+
+    From the alignment on, each query attends around its cell of a size x size grid over the image
+    (vlm/models/spatial_prior.py); stage 1 keeps plain queries. With `train_vlm.align.target: grid` each cell's
+    queries learn to name the phrase of the object there, `empty_phrase` for an empty cell, and the queries left
+    over name the number of objects.
+    """
+
+    size: int = 0
+    # The Gaussian's sigma, in cells, of each query's bias towards its own cell (docs/experiments: narrower cells).
+    width: float = 0.25
+    # The LLM reads each cell's place in words ("top left") before the cell's visual tokens
+    # (vlm/models/cell_labels.py), and `spare_label` before the queries left over.
+    cell_labels: bool = True
+    # Cells whose queries all name `empty_phrase` are left out of the LLM's prompt, label and queries
+    # (vlm/models/empty_cells.py): prompts get shorter. Only with target grid and cell labels.
+    drop_empty_cells: bool = True
+    empty_phrase: str = "none"  # what the queries of a cell without an object learn to name
+    spare_label: str = "count"  # the words before the queries left over (which name the number of objects)
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            raise ParamsError(f"param train_vlm.grid.size must be >= 0 (0 = BLIP-2's plain queries), got {self.size}")
+        if self.width <= 0:
+            raise ParamsError(f"param train_vlm.grid.width must be > 0 (the spatial prior's sigma, in grid cells), "
+                              f"got {self.width}")
+        for key in ("empty_phrase", "spare_label"):
+            if not getattr(self, key).strip():
+                raise ParamsError(f"param train_vlm.grid.{key} must be a non-empty word")
+
+
+@dataclass(frozen=True)
 class AlignConfig:
-    """Query alignment before stage 2 (vlm/train/align.py): visual tokens learn to spell a reference caption."""
+    """Query alignment before stage 2 (vlm/train/align.py): visual token k learns to name token k of a target,
+    read through the LLM's input embeddings, with no LLM pass."""
 
     steps: int = 400  # 0 skips it
-    # > 0: from the alignment on, each query attends around its cell of a G x G grid over the image
-    # (vlm/models/spatial_prior.py); stage 1 keeps BLIP-2's plain queries. 0: plain queries throughout.
-    spatial_grid: int = 3
-    # The Gaussian's sigma, in cells, of that bias towards a query's own cell. Measured (400 alignment steps, slots
-    # on the 200 test images): 0.45 -> 0.25, slots right 0.966 -> 0.981, images with a wrong slot 45% -> 23% (README)
-    spatial_width: float = 0.25
-    # What the visual tokens learn to name: "grid" - the queries of each cell name the phrase of the object there,
-    # "none" for an empty cell (needs spatial_grid > 0 and the dataset's `regions`: the synthetic scenes);
-    # "caption" - token k of a reference caption (any dataset with captions).
-    target: Literal["grid", "caption"] = "grid"
-    # The LLM reads each grid cell's place in words ("top left") before the cell's visual tokens
-    # (vlm/models/cell_labels.py). Without a grid (spatial_grid 0) there is nothing to name and it does nothing.
-    cell_labels: bool = True
-    # The cells whose slots all name " none" are left out of the LLM's prompt, label and slots
-    # (vlm/models/empty_cells.py): most cells are empty, so prompts get shorter. Only with target "grid" (the
-    # slots of an empty cell learn to name "none") and cell labels (they say which cells remain); else, or when no
-    # training image has an empty cell, it does nothing.
-    drop_empty_cells: bool = True
+    # What the visual tokens learn to name: "caption" - token k of one of the image's reference captions (any data
+    # with captions); "grid" - each grid cell's queries name the phrase of the object there (needs
+    # train_vlm.grid.size > 0 and the dataset's `regions`).
+    target: Literal["grid", "caption"] = "caption"
     caption: int = 0  # target caption: which of an image's reference captions to spell (0 = the first)
     batch_size: int = 32
     lr: float = 1e-3  # the projector's (new)
-    # The Q-Former image path's (pretrained in stage 1; 0 freezes it). Measured: at 1e-3 it never left the slot
-    # prior (accuracy 0.12 after 200 steps); at 1e-4 the slots began to name colours and shapes (README).
+    # The Q-Former image path's (pretrained in stage 1; 0 freezes it): at the projector's rate it stays at the
+    # slot prior (docs/experiments: query alignment).
     qformer_lr: float = 1e-4
     warmup_steps: int = 10
-    # The Q-Former's dropout (BERT's 0.1) while it aligns. Off by default: 300 steps underfit (slot accuracy on
-    # training and validation images alike), and without dropout the slots spell better (README).
+    # The Q-Former's dropout (BERT's 0.1) while it aligns. Off: a few hundred steps underfit rather than overfit.
     dropout: bool = False
 
     def __post_init__(self) -> None:
-        if self.spatial_grid < 0 or (self.target == "grid" and not self.spatial_grid):
-            raise ParamsError(f"param train_vlm.align.spatial_grid must be >= 0 (0 = plain queries), and > 0 for "
-                              f"train_vlm.align.target 'grid'; got spatial_grid={self.spatial_grid}, "
-                              f"target={self.target!r}")
-        if self.spatial_width <= 0:
-            raise ParamsError(f"param train_vlm.align.spatial_width must be > 0 (the spatial prior's sigma, in grid "
-                              f"cells), got {self.spatial_width}")
         if self.caption < 0:
             raise ParamsError(f"param train_vlm.align.caption must be >= 0 (0 = each image's first reference "
                               f"caption), got {self.caption}")
@@ -322,6 +340,12 @@ class VLMTrainConfig(TrainConfig):
     # "turn": each turn's tokens are averaged first, so every caption and every answer weighs the same.
     loss_average: Literal["token", "turn"] = "turn"
     align: AlignConfig = field(default_factory=AlignConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+
+    def __post_init__(self) -> None:
+        if self.align.target == "grid" and not self.grid.size:
+            raise ParamsError("param train_vlm.align.target 'grid' needs train_vlm.grid.size > 0 (the queries' "
+                              "cells); for data without regions use train_vlm.align.target: caption")
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ def model_card(name: str, config: dict[str, Any], model: VisionLanguageModel, pr
     if model.cell_labels:
         visual_block += f", each grid cell's name in words before its own ({model.num_visual_tokens} tokens in all)"
     if model.empty_cells is not None:
-        visual_block += "; the cells whose tokens all name 'none' are left out, label and tokens"
+        visual_block += "; the cells whose tokens all name the empty phrase are left out, label and tokens"
     lines = [
         f"# {name}",
         "",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from vlm.artifacts import SPLITS
 from vlm.config import DataConfig, SplitFiles
+from vlm.data.checks import SplitSummary, summarize
 from vlm.data.coco import ALL_SPLITS, read_captions
 from vlm.data.dataset_io import DatasetError
 from vlm.data.entry import Entry, Question
@@ -120,3 +121,14 @@ def _check_ids(splits: dict[str, list[Entry]]) -> None:
                                    f"(from {train[entry.image_id].origin}); splits must not share images")
         if split == "train":
             train = seen
+
+
+def planned_summaries(config: DataConfig) -> dict[str, SplitSummary]:
+    """What the `data` stage will write, from the params and the annotations alone (no image is read): for
+    `vlm check` before the first `dvc repro`. The synthetic scenes give every image all three kinds of text."""
+    if config.source == "synthetic":
+        sizes = {"train": config.train_images, "val": config.val_images, "test": config.test_images}
+        return {split: SplitSummary(n, n, n, n) for split, n in sizes.items()}
+    return {split: summarize({"captions": e.captions, "questions": e.questions,
+                              "regions": getattr(e, "regions", [])} for e in entries)
+            for split, entries in import_entries(config).items()}

@@ -23,10 +23,9 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from vlm.config import RECALL_KS
 from vlm.losses import itc_similarity
 from vlm.models.qformer import QFormer
-
-RECALL_KS = (1, 5, 10)
 
 
 def _image_batches(image_embeds: torch.Tensor | Iterable[torch.Tensor], batch_size: int,

@@ -56,6 +56,12 @@ def evaluate(model: VisionLanguageModel, embeddings: Embeddings, caption_tasks: 
         caption_tasks = [t for t in caption_tasks if t.image_id in keep]
         vqa_tasks = [t for t in vqa_tasks if t.image_id in keep]
     metrics, records = _score(model, embeddings, caption_tasks, vqa_tasks, config)
+    metrics["caption_images"] = len({t.image_id for t in caption_tasks})
+    metrics["question_images"] = len({t.image_id for t in vqa_tasks})
+    for tasks, names, lacking in ((caption_tasks, "CIDEr, BLEU, METEOR, ROUGE-L", "reference captions"),
+                                  (vqa_tasks, "VQA accuracy", "questions")):
+        if not tasks:
+            print(f"evaluate: {names} not scored: no image of the split has {lacking}")
     evaluated = {t.image_id for t in caption_tasks + vqa_tasks}
     regions = {image_id: objects for image_id, objects in (regions or {}).items() if image_id in evaluated}
     if regions and reads_grid_slots(model):

@@ -35,9 +35,10 @@ def slots_right(model: VisionLanguageModel, embeddings: Embeddings, regions: dic
     slots leaves some free), True where the slot names it; for every image of `regions` (objects: x, y, phrase)."""
     if not reads_grid_slots(model):
         raise ValueError("slot accuracy needs a model whose slots name grid cells (train_vlm.align.target: grid, "
-                         "with drop_empty_cells: true)")
+                         "with train_vlm.grid.drop_empty_cells: true)")
     config = model.qformer.config
-    targets = grid_targets(model.tokenizer, regions, config.num_queries, config.spatial_grid)
+    targets = grid_targets(model.tokenizer, regions, config.num_queries, config.spatial_grid,
+                           list(model.empty_cells.none_ids))
     vocab = torch.tensor(model.empty_cells.vocab)
     embedding_matrix = model.llm.get_input_embeddings().weight
     image_ids = sorted(regions)

@@ -3,21 +3,18 @@
 With the spatial grid (vlm/models/spatial_prior.py) the queries of each cell name the object there, but where the
 cell lies is only the queries' rank in the visual block, and 63 CPU steps of stage 2 did not teach the LLM to
 read an unlabelled grid (the slots named colour right 0.80 of the time, the answers 0.67). With
-`train_vlm.align.cell_labels` the visual block reads like a list of places and what is there, in the captions'
+`train_vlm.grid.cell_labels` the visual block reads like a list of places and what is there, in the captions'
 own words (measured: colour answers 0.67 -> 0.80, VQA 0.709 -> 0.739; spatial relations stayed at chance):
 
     " top left" q q q  " top" q q q  " top right" q q q  " left" q q q ... " bottom right" q q q  " count" q q q q q
 
-The labels are the LLM's embeddings of fixed words (13 tokens for the 3 x 3 grid, and one before the spare
-queries); nothing about them trains.
+The labels are the LLM's embeddings of fixed words (13 tokens for the 3 x 3 grid, and `train_vlm.grid.spare_label`
+before the spare queries); nothing about them trains.
 """
 
 from __future__ import annotations
 
 from vlm.models.spatial_prior import query_cells
-
-SPARE_LABEL = "count"  # the words before the queries left over (they name the number of objects)
-
 
 def cell_names(grid: int) -> list[str]:
     """Each cell's place in the captions' words, row-major: "top left", "top", ..., "center", ..., "bottom right"
@@ -34,15 +31,15 @@ def cell_names(grid: int) -> list[str]:
     return names
 
 
-def labelled_slots(tokenizer, num_queries: int, grid: int) -> list[int | None]:
-    """The visual block with cell labels: token ids of each cell's name (and SPARE_LABEL before the spare
+def labelled_slots(tokenizer, num_queries: int, grid: int, spare_label: str) -> list[int | None]:
+    """The visual block with cell labels: token ids of each cell's name (and `spare_label` before the spare
     queries), each followed by None for every query slot of that cell, in query order."""
     names = cell_names(grid)
     layout: list[int | None] = []
     previous = -1
     for cell in query_cells(num_queries, grid):
         if cell != previous:
-            name = SPARE_LABEL if cell is None else names[cell]
+            name = spare_label if cell is None else names[cell]
             layout += tokenizer(" " + name, add_special_tokens=False)["input_ids"]
             previous = cell
         layout.append(None)

@@ -1,15 +1,16 @@
 """Empty cells left out: the LLM reads only the grid cells that hold something.
 
-After the grid alignment (vlm/train/align.py, `target: grid`) every query slot of an empty cell names " none".
-Most cells are empty (a scene has 1-4 objects in 9 cells), so with `train_vlm.align.drop_empty_cells` a cell
-whose slots all name " none" is left out of the visual block, its label with it:
+After the grid alignment (vlm/train/align.py, `target: grid`) every query slot of an empty cell names the grid's
+empty phrase (`train_vlm.grid.empty_phrase`, " none"). When most cells are empty (a synthetic scene has 1-4
+objects in 9 cells), prompts get much shorter with `train_vlm.grid.drop_empty_cells`: a cell whose slots all name
+the empty phrase is left out of the visual block, its label with it:
 
     " top left" q q q  " bottom" q q q  " count" q q q q q      instead of all nine cells
 
 The decision is the model's own, made the way the alignment scores its slots: a slot names the token of the
 alignment's vocabulary (the words the slots were trained to name) whose LLM embedding has the largest dot product
 with it. It is the same in training and at inference, and it takes no gradient. Leaving out a cell that holds an
-object would hide that object, so a cell goes only when all of its slots say " none".
+object would hide that object, so a cell goes only when all of its slots name the empty phrase.
 """
 
 from __future__ import annotations
@@ -17,9 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-EMPTY_CELL = "none"  # what the queries of a cell with no object name
-
 
 @torch.no_grad()
 def slot_words(queries: torch.Tensor, embedding_matrix: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
@@ -33,12 +31,12 @@ def slot_words(queries: torch.Tensor, embedding_matrix: torch.Tensor, vocab: tor
 class EmptyCellRule:
     """Which cells of the grid are empty, from the slots themselves."""
 
-    none_ids: tuple[int, ...]  # the token ids of " none" (one for most tokenizers)
-    vocab: tuple[int, ...]  # the token ids the slots were aligned to name (" none" among them)
+    none_ids: tuple[int, ...]  # the token ids of the empty phrase (" none": one for most tokenizers)
+    vocab: tuple[int, ...]  # the token ids the slots were aligned to name (the empty phrase's among them)
 
     def __post_init__(self) -> None:
         if not set(self.none_ids) <= set(self.vocab):
-            raise ValueError(f"empty-cell rule: the tokens of ' {EMPTY_CELL}' {self.none_ids} are not all in the slot "
+            raise ValueError(f"empty-cell rule: the empty phrase's tokens {self.none_ids} are not all in the slot "
                              "vocabulary")
 
     def to_dict(self) -> dict:
@@ -53,7 +51,7 @@ class EmptyCellRule:
               num_cells: int) -> torch.Tensor:
         """queries [B, Q, D] (projected into the LLM's embedding space), embedding_matrix [V, D] the LLM's input
         embeddings, query_cell [Q] each query's cell (-1: none) -> [B, num_cells] True where every slot of the
-        cell names " none"."""
+        cell names the empty phrase."""
         words = slot_words(queries, embedding_matrix, torch.tensor(self.vocab, device=queries.device))
         names_none = torch.isin(words, torch.tensor(self.none_ids, device=words.device)).float()
         in_cell = (query_cell[:, None] == torch.arange(num_cells, device=query_cell.device)[None]).float()  # [Q, C]

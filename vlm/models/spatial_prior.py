@@ -1,5 +1,5 @@
 """Queries that start out spatial: each Q-Former query is given a cell of a G x G grid over the image, and its
-cross-attention a fixed bias towards the patches around that cell's centre (`train_vlm.align.spatial_grid: G`,
+cross-attention a fixed bias towards the patches around that cell's centre (`train_vlm.grid.size: G`,
 from the alignment on; 0 = off, BLIP-2's queries, which all start out looking at the whole image alike). The grid
 is part of the Q-Former's saved config (`QFormerConfig.spatial_grid`).
 
@@ -8,7 +8,7 @@ Why: within a CPU run's few hundred steps the Q-Former's cross-attention never l
 column (1.00) off the cached tokens. With the bias, query q reads its own region from the first step, so the
 alignment can ask it to name what lies there (`train_vlm.align.target: grid`). The bias is a Gaussian in patch
 distance, added to the attention logits; the content term (query . key) still decides within the region and can
-reach beyond it. Its sigma is `train_vlm.align.spatial_width` cells (default 0.25: 0.67 patches for 8 x 8
+reach beyond it. Its sigma is `train_vlm.grid.width` cells (default 0.25: 0.67 patches for 8 x 8
 patches and G = 3). At 0.45 a query saw much of the neighbouring cells, and the slots of nearly half of the test
 images misnamed a cell, mostly at a border (README, "Narrower cells").
 
@@ -25,7 +25,7 @@ from functools import cache
 import torch
 
 # The Gaussian's sigma, as a fraction of a cell's width, in Q-Formers saved before it was a param
-# (`train_vlm.align.spatial_width`, saved as `QFormerConfig.spatial_width`).
+# (`train_vlm.grid.width`, saved as `QFormerConfig.spatial_width`).
 LEGACY_WIDTH_IN_CELLS = 0.45
 PREFIX_BIAS = -4.0           # CLS / register tokens: still visible, but far less than the query's own region
 
@@ -34,8 +34,8 @@ def queries_per_cell(num_queries: int, grid: int) -> int:
     """How many queries each of the grid x grid cells gets (the rest get no cell)."""
     per_cell = num_queries // (grid * grid)
     if per_cell < 1:
-        raise ValueError(f"spatial grid {grid} (train_vlm.align.spatial_grid) needs at least {grid * grid} queries "
-                         f"(one per cell), but qformer.num_queries is {num_queries}; lower spatial_grid or raise "
+        raise ValueError(f"spatial grid {grid} (train_vlm.grid.size) needs at least {grid * grid} queries "
+                         f"(one per cell), but qformer.num_queries is {num_queries}; lower train_vlm.grid.size or raise "
                          "num_queries")
     return per_cell
 
@@ -63,7 +63,7 @@ def cross_attention_bias(num_queries: int, num_tokens: int, grid: int, width: fl
     rows = torch.arange(side * side) // side
     cols = torch.arange(side * side) % side
     if width <= 0:
-        raise ValueError(f"the spatial prior's width must be > 0 cells (train_vlm.align.spatial_width), got {width}")
+        raise ValueError(f"the spatial prior's width must be > 0 cells (train_vlm.grid.width), got {width}")
     sigma = width * side / grid
     bias = torch.full((num_queries, num_tokens), PREFIX_BIAS)
     for query, cell in enumerate(query_cells(num_queries, grid)):

@@ -38,20 +38,21 @@ from vlm.models.spatial_prior import query_cells
 STAGE1_ONLY = ("word_embeddings", "position_embeddings", "vision_proj", "text_proj", "itm_head", "lm_transform",
                "lm_bias", "temp")
 VLM_CONFIG = "vlm_config.json"
+LEGACY_SPARE_LABEL = "count"  # the spare queries' label in models saved before it was a param
 ADAPTER_SUBDIR, LLM_SUBDIR = "adapter", "llm"
 
 
 class VisionLanguageModel(nn.Module):
     def __init__(self, qformer: QFormer, projector: Projector, llm: PeftModel | PreTrainedModel, tokenizer,
                  system_prompt: str, llm_source: str, cell_labels: bool = False,
-                 empty_cells: EmptyCellRule | None = None):
+                 empty_cells: EmptyCellRule | None = None, spare_label: str = ""):
         super().__init__()
         self.qformer, self.projector, self.llm = qformer, projector, llm
         self.tokenizer = tokenizer
         self.prompt = ChatPrompt(tokenizer, system_prompt)
         self.llm_source = llm_source  # folder of the frozen base LLM, recorded so `load` can find it again
         self._freeze_stage1_heads()
-        self.use_cell_labels(cell_labels)
+        self.use_cell_labels(cell_labels, spare_label)
         self.drop_empty_cells(empty_cells)
 
     # ------------------------------------------------------------------ construction
@@ -93,7 +94,8 @@ class VisionLanguageModel(nn.Module):
         qformer = QFormer.load(model_dir / "qformer")
         empty_cells = EmptyCellRule.from_dict(config["empty_cells"]) if config.get("empty_cells") else None
         return cls(qformer, projector, llm, tokenizer, config["system_prompt"], config["llm_source"],
-                   cell_labels=config.get("cell_labels", False), empty_cells=empty_cells).eval()
+                   cell_labels=config.get("cell_labels", False), empty_cells=empty_cells,
+                   spare_label=config.get("spare_label", LEGACY_SPARE_LABEL)).eval()
 
     def save(self, out_dir: Path) -> None:
         """Q-Former, projector and LoRA adapter (peft format) into one folder, atomically."""
@@ -122,6 +124,7 @@ class VisionLanguageModel(nn.Module):
         config = {"projector": self.projector.config(), "system_prompt": self.prompt.system_prompt,
                   "llm_source": LLM_SUBDIR if include_llm else self.llm_source,
                   "lora": "merged" if merged else "adapter", "cell_labels": self.cell_labels,
+                  "spare_label": self.spare_label,
                   "empty_cells": self.empty_cells.to_dict() if self.empty_cells else None}
         (folder / VLM_CONFIG).write_text(json.dumps(config, indent=2))
 
@@ -159,14 +162,19 @@ class VisionLanguageModel(nn.Module):
             "frozen": count(self, False),
         }
 
-    def use_cell_labels(self, on: bool) -> None:
-        """Put each grid cell's name in words before its visual tokens (vlm/models/cell_labels.py); needs the
-        Q-Former's spatial grid, as it is now (call after `qformer.use_spatial_grid`)."""
+    def use_cell_labels(self, on: bool, spare_label: str = "") -> None:
+        """Put each grid cell's name in words before its visual tokens, and `spare_label` before the queries left
+        over (vlm/models/cell_labels.py); needs the Q-Former's spatial grid, as it is now (call after
+        `qformer.use_spatial_grid`)."""
         grid = self.qformer.config.spatial_grid
         if on and not grid:
             raise ValueError("cell labels name the cells of the Q-Former's spatial grid, and it has none "
-                             "(train_vlm.align.spatial_grid: 0); set train_vlm.align.cell_labels: false")
-        layout = labelled_slots(self.tokenizer, self.qformer.config.num_queries, grid) if on else []
+                             "(train_vlm.grid.size: 0); set train_vlm.grid.cell_labels: false")
+        if on and not spare_label.strip():
+            raise ValueError("cell labels need a spare label, the words before the queries left over "
+                             "(train_vlm.grid.spare_label)")
+        self.spare_label = spare_label if on else ""
+        layout = labelled_slots(self.tokenizer, self.qformer.config.num_queries, grid, spare_label) if on else []
         # the label token ids and where the queries go in the visual block; empty: plain queries, no labels
         self._label_ids = torch.tensor([self.pad_id if t is None else t for t in layout], dtype=torch.long)
         self._is_query = torch.tensor([t is None for t in layout], dtype=torch.bool)
@@ -183,7 +191,7 @@ class VisionLanguageModel(nn.Module):
         (vlm/models/empty_cells.py); None reads every cell. Needs the cell labels (call after `use_cell_labels`)."""
         if rule is not None and not self.cell_labels:
             raise ValueError("only labelled cells can be left out (the labels say which cells remain); set "
-                             "train_vlm.align.cell_labels: true, or train_vlm.align.drop_empty_cells: false")
+                             "train_vlm.grid.cell_labels: true, or train_vlm.grid.drop_empty_cells: false")
         self.empty_cells = rule
 
     @property

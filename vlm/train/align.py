@@ -4,9 +4,10 @@ Stage 1 leaves the Q-Former's queries nearly identical to one another (on the de
 query outputs of an image fell from 0.54 at initialisation to 0.006), so the LLM receives one vector repeated,
 and stage 2 is far too short on a CPU to undo that through the LLM. Here the Q-Former and the new projector
 train, with no LLM pass at all, so that visual token k, read through the LLM's input embedding matrix E, is the
-k-th token of its target: with `align.target: grid` (the default, for data with regions), the phrase of the
-object in the query's grid cell ("small red circle", " none" for an empty cell; vlm/models/spatial_prior.py), or
-with `align.target: caption` one of the image's reference captions (`align.caption`):
+k-th token of its target: with `align.target: caption` (BLIP-2's plain queries, any data with captions) one of
+the image's reference captions (`align.caption`), or with `align.target: grid` (the opt-in recipe for data with
+regions, `train_vlm.grid`) the phrase of the object in the query's grid cell ("small red circle", the grid's
+`empty_phrase` for an empty cell; vlm/models/spatial_prior.py):
 
     loss = cross-entropy(v_k @ E_vocab^T, caption token k)  +  |v_k - E[caption token k]|^2 / |E[caption token k]|^2
 
@@ -16,9 +17,8 @@ own embedding of that word lies, in scale too. Slots beyond the caption's length
 a Q-Former forward/backward over the queries only, so a few hundred steps cost minutes on a CPU.
 
 The pretrained Q-Former trains at its own, lower rate (`align.qformer_lr`): at the new projector's rate it never
-got past the slot prior (accuracy 0.12, the frequent words); at 1e-4 it reaches ~0.5 and downstream CIDEr went
-1.93 -> 2.59, VQA 0.53 -> 0.58 (README, "Query alignment"). It trains without its dropout (`align.dropout`):
-a few hundred steps underfit rather than overfit.
+gets past the slot prior (the most frequent words; docs/experiments). It trains without its dropout
+(`align.dropout`): a few hundred steps underfit rather than overfit.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from vlm import distributed
-from vlm.config import VLMTrainConfig
+from vlm.config import GridConfig, VLMTrainConfig
 from vlm.data.dataset_io import read_split
 from vlm.data.embeddings import Embeddings, available, gather
-from vlm.models.empty_cells import EMPTY_CELL, EmptyCellRule
+from vlm.models.empty_cells import EmptyCellRule
 from vlm.models.prompt import IGNORE_INDEX
 from vlm.models.spatial_prior import queries_per_cell, query_cells, region_cell
 from vlm.models.vlm import VisionLanguageModel
@@ -52,20 +52,26 @@ def caption_targets(tokenizer, captions: dict[str, str], num_slots: int) -> dict
     return targets
 
 
-def grid_targets(tokenizer, regions: dict[str, list[dict]], num_slots: int, grid: int) -> dict[str, list[int]]:
+def phrase_ids(tokenizer, phrase: str) -> list[int]:
+    """The token ids of a phrase as it reads inside a prompt (after a space)."""
+    return tokenizer(" " + phrase, add_special_tokens=False)["input_ids"]
+
+
+def grid_targets(tokenizer, regions: dict[str, list[dict]], num_slots: int, grid: int, empty_ids: list[int]
+                 ) -> dict[str, list[int]]:
     """image id -> per slot, a token of the phrase of the object in the slot's grid cell (see
     vlm/models/spatial_prior.py): the cell's k slots name the phrase's first k tokens ("small red circle"), and
-    " none" for an empty cell. The slots left over (they look at the image's centre) name the number of objects
-    ("3"; a number of several tokens is spelt over them in turn). Of two objects in one cell, the later wins."""
+    `empty_ids` (the grid's empty phrase) for an empty cell. The slots left over (they look at the image's centre)
+    name the number of objects ("3"; a number of several tokens is spelt over them in turn). Of two objects in one
+    cell, the later wins."""
     if not grid:
-        raise ValueError("train_vlm.align.target 'grid' needs train_vlm.align.spatial_grid > 0 (the queries' cells)")
+        raise ValueError("train_vlm.align.target 'grid' needs train_vlm.grid.size > 0 (the queries' cells)")
     cells, per_cell = query_cells(num_slots, grid), queries_per_cell(num_slots, grid)
-    none = tokenizer(" " + EMPTY_CELL, add_special_tokens=False)["input_ids"]
+    none = list(empty_ids)
     first_spare = len(cells) - cells.count(None)  # the spare queries come last
     targets = {}
     for image_id, objects in regions.items():
-        words = {region_cell(o["x"], o["y"], grid): tokenizer(" " + o["phrase"], add_special_tokens=False)["input_ids"]
-                 for o in objects}
+        words = {region_cell(o["x"], o["y"], grid): phrase_ids(tokenizer, o["phrase"]) for o in objects}
         count = tokenizer(str(len(objects)), add_special_tokens=False)["input_ids"]
         slots = []
         for slot, cell in enumerate(cells):
@@ -126,6 +132,12 @@ def _batches(embeddings: Embeddings, targets: dict[str, list[int]], batch_size: 
             yield gather(embeddings, chunk).float(), torch.tensor([targets[i] for i in chunk])
 
 
+def use_grid(model: VisionLanguageModel, grid: GridConfig) -> None:
+    """Give the model's queries the grid's cells and, with `cell_labels`, its words (both saved with the model)."""
+    model.qformer.use_spatial_grid(grid.size, grid.width)
+    model.use_cell_labels(grid.cell_labels and grid.size > 0, grid.spare_label)
+
+
 def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_path: Path,
                   config: VLMTrainConfig, log_dir: Path | None, checkpoint_dir: Path | None = None,
                   fingerprint: dict | None = None) -> dict[str, float]:
@@ -133,19 +145,18 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
     for `config.align.steps` steps (see the module doc);
     the rest of stage 2's config (seed, precision, logging, checkpoints) applies as well.
     Returns the final (smoothed) losses and slot accuracy, prefixed `align_`."""
-    align = config.align
+    align, grid = config.align, config.grid
     loop_config = replace(config, lr=align.lr, batch_size=align.batch_size, warmup_steps=align.warmup_steps)
-    # saved with the Q-Former: later stages see it
-    model.qformer.use_spatial_grid(align.spatial_grid, align.spatial_width)
-    model.use_cell_labels(align.cell_labels and align.spatial_grid > 0)  # kept in the saved model's config
+    use_grid(model, grid)
+    empty_ids = phrase_ids(model.tokenizer, grid.empty_phrase)
     if align.target == "grid":
         targets = grid_targets(model.tokenizer, image_regions(dataset_path), model.qformer.config.num_queries,
-                               model.qformer.config.spatial_grid)
+                               model.qformer.config.spatial_grid, empty_ids)
         targets = {i: targets[i] for i in available(embeddings, targets)}
         if not targets:
             raise ValueError(f"train_vlm.align.target 'grid': no training image of {dataset_path} has both regions "
-                             "(the synthetic scenes have them; imports do not) and an embedding; use "
-                             "train_vlm.align.target: caption, or train_vlm.align.steps: 0")
+                             "and an embedding; use train_vlm.align.target: caption with train_vlm.grid.size: 0 "
+                             "(`vlm recipe own-data`), or give the images regions (README, \"Your own data\")")
     else:
         captions = reference_captions(dataset_path, align.caption)
         captions = {i: captions[i] for i in available(embeddings, captions)}
@@ -184,9 +195,8 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
     final = train(groups, step_losses, batches, align.steps, loop_config, log_dir, description="align",
                   checkpointer=checkpointer)
     model.eval()
-    none_ids = model.tokenizer(" " + EMPTY_CELL, add_special_tokens=False)["input_ids"]
-    learnt_none = set(none_ids) <= set(vocab.tolist())  # False when every training image fills every cell
-    if align.drop_empty_cells and align.target == "grid" and model.cell_labels and learnt_none:
-        # from here on, the cells whose slots all name " none" are left out of the LLM's prompt
-        model.drop_empty_cells(EmptyCellRule(tuple(none_ids), tuple(vocab.tolist())))
+    learnt_empty = set(empty_ids) <= set(vocab.tolist())  # False when every training image fills every cell
+    if grid.drop_empty_cells and align.target == "grid" and model.cell_labels and learnt_empty:
+        # from here on, the cells whose slots all name the empty phrase are left out of the LLM's prompt
+        model.drop_empty_cells(EmptyCellRule(tuple(empty_ids), tuple(vocab.tolist())))
     return {f"align_{name}": round(value, 4) for name, value in final.items()}

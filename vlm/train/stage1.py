@@ -19,10 +19,25 @@ from vlm.train.checkpoint import Checkpointer
 from vlm.train.loop import train
 
 
-def caption_table(dataset_path: Path) -> tuple[list[str], list[list[str]]]:
-    """(image ids, captions per image) of a split, read without the image bytes."""
-    table = read_split(dataset_path, columns=["image_id", "captions"])
-    return table.column("image_id").to_pylist(), table.column("captions").to_pylist()
+def image_texts(dataset_path: Path, texts: str = "captions") -> tuple[list[str], list[list[str]], int]:
+    """(image ids, texts per image, images left out) of a split, read without the image bytes.
+
+    `texts` "captions": each image's captions; "questions": each of its questions followed by its first answer
+    ("what colour is the heart? teal"), for data without captions. Images with no such text are left out and
+    counted."""
+    if texts == "captions":
+        table = read_split(dataset_path, columns=["image_id", "captions"])
+        per_image = table.column("captions").to_pylist()
+    elif texts == "questions":
+        table = read_split(dataset_path, columns=["image_id", "questions", "answers"])
+        per_image = [[f"{question} {answers[0]}" for question, answers in zip(questions, answer_lists)]
+                     for questions, answer_lists in zip(table.column("questions").to_pylist(),
+                                                        table.column("answers").to_pylist())]
+    else:
+        raise ValueError(f"train_qformer.texts must be 'captions' or 'questions', got {texts!r}")
+    kept = [(image_id, image_texts) for image_id, image_texts in zip(table.column("image_id").to_pylist(), per_image)
+            if image_texts]
+    return [image_id for image_id, _ in kept], [t for _, t in kept], table.num_rows - len(kept)
 
 
 def caption_batches(embeddings: Embeddings, image_ids: list[str], captions: list[list[str]], qformer: QFormer,
@@ -67,9 +82,12 @@ def train_qformer(bert_dir: Path, embeddings: Embeddings, dataset_path: Path, qf
     contrasts against the gathered global batch. With `checkpoint_dir`, a killed run resumes where it stopped."""
     torch.manual_seed(train_config.seed)  # the same initial weights on every rank
     qformer = new_qformer(bert_dir, qformer_config, image_hidden_size=embeddings.tokens.shape[-1])
-    image_ids, captions = caption_table(dataset_path)
+    image_ids, captions, without_text = image_texts(dataset_path, train_config.texts)
     keep = set(available(embeddings, image_ids))  # images `embed` skipped as unreadable have no embedding
     image_ids, captions = [i for i in image_ids if i in keep], [c for i, c in zip(image_ids, captions) if i in keep]
+    if not image_ids:
+        raise ValueError(f"stage 1: no train image of {dataset_path} has {train_config.texts} (and an embedding); "
+                         "set train_qformer.texts to what the data has (`vlm check` lists what it holds)")
     batch_size = min(train_config.batch_size, len(image_ids))
     steps = max(1, math.ceil(train_config.epochs * (len(image_ids) // batch_size)))
     batches = caption_batches(embeddings, image_ids, captions, qformer, batch_size, train_config.seed)
@@ -101,4 +119,5 @@ def train_qformer(bert_dir: Path, embeddings: Embeddings, dataset_path: Path, qf
     final = train(parameters, step_losses, batches, steps, train_config, log_dir, description="train_qformer",
                   checkpointer=checkpointer)
     qformer.eval()
-    return qformer, {"steps": steps, **{f"final_{k}": round(v, 4) for k, v in final.items()}}
+    return qformer, {"steps": steps, "images": len(image_ids), f"images_without_{train_config.texts}": without_text,
+                     **{f"final_{k}": round(v, 4) for k, v in final.items()}}
