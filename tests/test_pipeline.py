@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,7 @@ def repo(tmp_path_factory) -> Path:
     repo = make_tiny_repo(root / "repo")
     first = run(["dvc", "repro"], repo, env={"PYTHONPATH": str(RECORD_IMPORTS),
                                               "VLM_TEST_IMPORT_LOG": str(root / IMPORT_LOG)})
-    assert stages_run(first) == ["data", "weights", "embed", "train_qformer", "train_vlm", "evaluate"]
+    assert stages_run(first) == ["data", "check", "weights", "embed", "train_qformer", "train_vlm", "evaluate"]
     commit_all(repo, "first reproduction")
     return repo
 
@@ -122,7 +123,8 @@ def test_second_repro_runs_nothing_even_without_bytecode_caches(repo: Path) -> N
 def test_changing_num_queries_reruns_exactly_its_dependants(repo: Path) -> None:
     set_params(repo, {"qformer": {"num_queries": 2}})
     result = run(["dvc", "repro"], repo)
-    assert stages_run(result) == ["train_qformer", "train_vlm", "evaluate"]
+    # `check` holds num_queries against the data; its output (what the data holds) is unchanged, so `embed` stays
+    assert stages_run(result) == ["check", "train_qformer", "train_vlm", "evaluate"]
     config = json.loads((repo / "models" / "vlm" / "qformer" / "qformer_config.json").read_text())
     assert config["num_queries"] == 2
     commit_all(repo, "two queries")
@@ -130,7 +132,7 @@ def test_changing_num_queries_reruns_exactly_its_dependants(repo: Path) -> None:
 
 def test_experiment_run_and_metrics_diff(repo: Path) -> None:
     result = run(["dvc", "exp", "run", "-S", "qformer.num_queries=3"], repo)
-    assert stages_run(result) == ["train_qformer", "train_vlm", "evaluate"]
+    assert stages_run(result) == ["check", "train_qformer", "train_vlm", "evaluate"]
     assert "num_queries: 3" in (repo / "params.yaml").read_text()
     diff = run(["dvc", "metrics", "diff"], repo).stdout
     assert "metrics/train_qformer.json" in diff  # different queries, different losses
@@ -140,3 +142,31 @@ def test_experiment_run_and_metrics_diff(repo: Path) -> None:
     plots = json.loads(run(["dvc", "plots", "diff", "--json"], repo).stdout)["data"]
     first = plots["plots/gallery/test-000000.png"]
     assert {revision for entry in first for revision in entry["revisions"]} == {"HEAD", "workspace"}
+
+
+def test_own_jsonl_data_without_regions_trains_with_the_own_data_recipe(repo: Path) -> None:
+    """A user's JSONL dataset (tools/make_own_dataset.py: 64 px JPEGs, captions on only part of the images, no
+    regions), as the README's own-data section says: data.source and its files, then `vlm recipe own-data`. The
+    scenes' grid recipe on it stops at `check`, before `embed`, naming the recipe that fits."""
+    run([sys.executable, "-m", "tools.make_own_dataset", "--out", "data/raw/own", "--train", "24", "--val", "4",
+         "--test", "12", "--caption-fraction", "0.75", "--seed", "1"], repo)
+    set_params(repo, {"data": {"source": "jsonl", "jsonl": {split: [f"data/raw/own/{split}.jsonl"]
+                                                            for split in ("train", "val", "test")}}})
+    failed = run(["dvc", "repro"], repo, check=False)
+    assert failed.returncode != 0 and stages_run(failed) == ["data", "check"]
+    assert "train_vlm.align.target" in failed.stderr and "vlm recipe own-data" in failed.stderr
+    last = [line for line in failed.stderr.splitlines() if line.strip()][-1]
+    assert "dulwich" not in last and "Exception ignored" not in last, failed.stderr[-2000:]
+
+    run([sys.executable, "-m", "vlm.cli", "recipe", "own-data"], repo)
+    result = run(["dvc", "repro"], repo)
+    assert stages_run(result) == ["check", "embed", "train_qformer", "train_vlm", "evaluate"]
+    data = json.loads((repo / "metrics" / "check.json").read_text())
+    assert data["train_images"] == 24 and data["train_with_captions"] < 24 and data["train_with_regions"] == 0
+    stage1 = json.loads((repo / "metrics" / "train_qformer.json").read_text())
+    assert stage1["images"] == data["train_with_captions"]
+    assert stage1["images_without_captions"] == 24 - data["train_with_captions"]
+    assert stage1["retrieval_images"] == data["test_with_captions"]  # caption-less test images are no candidates
+    evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert evaluation["caption_images"] == data["test_with_captions"] and evaluation["question_images"] == 12
+    assert 0.0 <= evaluation["vqa_accuracy"] <= 1.0 and "cider" in evaluation
