@@ -56,7 +56,8 @@ def grid_targets(tokenizer, regions: dict[str, list[dict]], num_slots: int, grid
     """image id -> per slot, a token of the phrase of the object in the slot's grid cell (see
     vlm/models/spatial_prior.py): the cell's k slots name the phrase's first k tokens ("small red circle"), and
     " none" for an empty cell. The slots left over (they look at the image's centre) name the number of objects
-    ("3"; a number of several tokens is spelt over them in turn). Of two objects in one cell, the later wins."""
+    ("3"; a number of several tokens is spelt over them in turn). Of several objects in one cell (by centre), the
+    largest box (w * h) names it, the later of equal ones: a photo's cell is mostly its largest object."""
     if not grid:
         raise ValueError("train_vlm.align.target 'grid' needs train_vlm.align.spatial_grid > 0 (the queries' cells)")
     cells, per_cell = query_cells(num_slots, grid), queries_per_cell(num_slots, grid)
@@ -64,8 +65,13 @@ def grid_targets(tokenizer, regions: dict[str, list[dict]], num_slots: int, grid
     first_spare = len(cells) - cells.count(None)  # the spare queries come last
     targets = {}
     for image_id, objects in regions.items():
-        words = {region_cell(o["x"], o["y"], grid): tokenizer(" " + o["phrase"], add_special_tokens=False)["input_ids"]
-                 for o in objects}
+        largest: dict[int, dict] = {}
+        for o in objects:
+            cell = region_cell(o["x"], o["y"], grid)
+            if cell not in largest or o["w"] * o["h"] >= largest[cell]["w"] * largest[cell]["h"]:
+                largest[cell] = o
+        words = {cell: tokenizer(" " + o["phrase"], add_special_tokens=False)["input_ids"]
+                 for cell, o in largest.items()}
         count = tokenizer(str(len(objects)), add_special_tokens=False)["input_ids"]
         slots = []
         for slot, cell in enumerate(cells):
@@ -80,7 +86,7 @@ def grid_targets(tokenizer, regions: dict[str, list[dict]], num_slots: int, grid
 
 
 def image_regions(dataset_path: Path) -> dict[str, list[dict]]:
-    """image id -> its regions ({x, y, phrase}); images without any are left out."""
+    """image id -> its regions ({x, y, w, h, phrase}: boxes, vlm.data.dataset_io); images without any are left out."""
     rows = read_split(dataset_path, columns=["image_id", "regions"]).to_pylist()
     return {row["image_id"]: row["regions"] for row in rows if row["regions"]}
 
@@ -144,7 +150,8 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
         targets = {i: targets[i] for i in available(embeddings, targets)}
         if not targets:
             raise ValueError(f"train_vlm.align.target 'grid': no training image of {dataset_path} has both regions "
-                             "(the synthetic scenes have them; imports do not) and an embedding; use "
+                             "(the synthetic scenes have them; imports need data.coco.instances or a JSONL "
+                             "manifest's regions) and an embedding; use "
                              "train_vlm.align.target: caption, or train_vlm.align.steps: 0")
     else:
         captions = reference_captions(dataset_path, align.caption)
