@@ -14,7 +14,9 @@ import pytest
 from PIL import Image
 from pipeline_repo import commit_all, init_pipeline_repo, run, set_params, stages_run
 
-from vlm.config import CocoConfig, DataConfig, SplitCounts, SplitFiles, VQAv2Config
+from vlm.config import CocoConfig, DataConfig, ParamsError, SplitCounts, SplitFiles, VQAv2Config
+from vlm.data import imports
+from vlm.data.coco import read_instances
 from vlm.data.dataset_io import DatasetError, iter_split, read_metadata
 from vlm.data.entry import RecordStream
 from vlm.data.imports import import_entries
@@ -61,6 +63,35 @@ def official_captions(name: str, images: list[tuple[int, str]]) -> str:
         "images": [{"id": coco_id, "file_name": file_name, "height": 16, "width": 24} for coco_id, file_name in images],
         "annotations": [{"image_id": coco_id, "id": 100 + coco_id, "caption": f"official caption {coco_id}"}
                         for coco_id, _ in images]})
+
+
+CATEGORIES = {18: "dog", 47: "cup", 1: "person"}
+
+
+def instances_file(name: str, images: list[tuple[int, int, int]], objects: list[tuple[int, list[float], int, int]]
+                   ) -> str:
+    """instances_*.json for images (id, width, height) and objects (image_id, bbox [x, y, w, h] in pixels,
+    category_id, iscrowd), with COCO's other fields (segmentation, area, ids)."""
+    return write_json(RAW / "coco" / "annotations" / name, {
+        "info": {}, "licenses": [],
+        "images": [{"id": coco_id, "width": width, "height": height, "file_name": f"{coco_id:012d}.jpg",
+                    "license": 1, "coco_url": "", "date_captured": ""} for coco_id, width, height in images],
+        "annotations": [{"id": 900 + index, "image_id": image_id, "bbox": bbox, "category_id": category,
+                         "iscrowd": crowd, "area": bbox[-1] * bbox[-2],
+                         "segmentation": {"counts": [1], "size": [1, 1]} if crowd else [[0, 0, 1, 0, 1, 1]]}
+                        for index, (image_id, bbox, category, crowd) in enumerate(objects)],
+        "categories": [{"supercategory": "thing", "id": category, "name": name}
+                       for category, name in CATEGORIES.items()]})
+
+
+def box(x: float, y: float, w: float, h: float, phrase: str) -> dict:
+    return {"x": x, "y": y, "w": w, "h": h, "phrase": phrase}
+
+
+def rounded(regions: list[dict]) -> list[dict]:
+    """Regions with their fractions rounded off (0.4 - 0.1 is 0.30000000000000004)."""
+    return [{key: round(value, 9) if isinstance(value, float) else value for key, value in region.items()}
+            for region in regions]
 
 
 ANSWER_TYPES = {"what color is": "other", "is there": "yes/no", "how many": "number"}
@@ -214,6 +245,92 @@ def test_train_images_must_not_be_in_val_or_test() -> None:
         imported(config)
 
 
+# --------------------------------------------------------------------------- COCO instances: object boxes as regions
+
+
+def test_instances_join_karpathy_captions_as_regions_and_crowds_are_left_out(coco_layout, capsys,
+                                                                               monkeypatch) -> None:
+    train = instances_file("instances_train2014.json", [(1, 200, 100), (2, 24, 16)], [
+        (1, [20, 10, 60, 40], 18, 0),   # a dog: centre (50, 30) of 200 x 100
+        (1, [0, 0, 200, 100], 1, 1),    # a crowd of people: left out
+        (1, [150, 50, 10, 10], 47, 0)])  # a cup; image 2 has no objects
+    val = instances_file("instances_val2014.json", [(3, 24, 16), (4, 24, 16), (5, 24, 16), (99, 24, 16)], [
+        (4, [0, 0, 12, 8], 47, 0), (99, [0, 0, 1, 1], 18, 0)])  # image 99 is in no caption split
+    reads = []
+
+    def counted(path):
+        reads.append(path)
+        return read_instances(path)
+
+    monkeypatch.setattr(imports, "read_instances", counted)
+    config = karpathy_config(coco=CocoConfig(str(COCO_IMAGES), karpathy_config().coco.captions,
+                                             split_files([train, val], [val], [val, train])))
+
+    rows, _ = imported(config)
+
+    by_id = {row["image_id"]: row for split_rows in rows.values() for row in split_rows}
+    assert rounded(by_id["1"]["regions"]) == [box(0.25, 0.3, 0.3, 0.4, "dog"), box(0.775, 0.55, 0.05, 0.1, "cup")]
+    assert by_id["1"]["captions"] == ["A photo of image 1.", "image 1 again"]  # joined to the caption row
+    assert by_id["2"]["regions"] == by_id["3"]["regions"] == by_id["5"]["regions"] == []
+    assert by_id["4"]["regions"] == [box(0.25, 0.25, 0.5, 0.5, "cup")]
+    assert sorted(map(str, reads)) == sorted([train, val])  # each file read once, though several splits list it
+    log = capsys.readouterr().out
+    assert f"data test: 0 of the 1 images with objects in {train} are in this split; is the file listed for the " \
+           "right split (param data.coco.instances.test)?" in log
+    assert f"data val: 0 of the 2 images with objects in {val}" in log
+    assert f"data test: 1 of the 2 images with objects in {val}" in log
+
+
+def test_instances_join_official_captions_or_vqav2_and_small_overshoot_is_clamped() -> None:
+    captions = [official_captions(f"captions_{name}.json", [(coco_id, f"{coco_id:012d}.jpg")])
+                for name, coco_id in (("train2014", 2), ("val2014", 3), ("test", 4))]
+    # 640 x 480 in the instances file: the box reaches 0.5 px past the right edge (COCO's rounding)
+    objects = instances_file("instances_train2014.json", [(2, 640, 480), (3, 640, 480)],
+                             [(2, [320, 240, 320.5, 240], 18, 0), (3, [0, 0, 64, 48], 47, 0)])
+    train, val = vqa_files("train2014", [(10, 2, "is there")]), vqa_files("val2014", [(30, 3, "is there"),
+                                                                                      (40, 4, "how many")])
+    instances = split_files([objects], [objects], [])
+    coco = DataConfig(source="coco", coco=CocoConfig(str(COCO_IMAGES), split_files(*([c] for c in captions)),
+                                                     instances))
+    vqav2 = DataConfig(source="vqav2", coco=CocoConfig(instances=instances), vqav2=VQAv2Config(
+        str(COCO_IMAGES), split_files([train[0]], [val[0]], [val[0]]), split_files([train[1]], [val[1]], [val[1]])))
+    for config in (coco, vqav2):
+        splits = import_entries(config)  # reads annotations, no image
+        regions = {split: {entry.image_id: rounded(map(vars, entry.regions)) for entry in entries}
+                   for split, entries in splits.items()}
+        assert regions["train"] == {"2": [box(0.75, 0.75, 0.5, 0.5, "dog")]}, config.source  # clamped to the image
+        assert regions["val"]["3"] == [box(0.05, 0.05, 0.1, 0.1, "cup")]
+        assert regions["test"]["4"] == []  # no instances file listed for test
+
+
+@pytest.mark.parametrize(("objects", "expected"), [
+    ([(1, [0, 0, 5, 5], 47, 0), (1, [0, 0, 5, 5], 7, 0)],
+     r"annotations\[1\] \(image_id 1\): unknown category_id 7; the file's 'categories' have ids \[1, 18, 47\]"),
+    ([(1, [0, 0, 5, 5], 47, 0), (8, [0, 0, 5, 5], 47, 0)],
+     r"annotations\[1\] \(image_id 8\): image_id 8 is not in the file's 'images'"),
+    ([(1, [0, 0, 5, 5], 47, 0), (1, [20, 10, 60, 40], 47, 0)],  # pixels of a bigger image
+     r"annotations\[1\] \(image_id 1\): reaches outside the image .*bbox \[20, 10, 60, 40\] is \[x, y, width, "
+     r"height\] in pixels of the 24 x 16 image of .*images\[0\] \(id 1\); correct the box"),
+    ([(1, [0, 0, 5, 5], 47, 0), (1, [5, 5, -2, 3], 47, 0)], r"annotations\[1\] .*negative width or height"),
+    ([(1, [0, 0, 5, 5], 47, 0), (1, [5, 5, 3], 47, 0)], r"annotations\[1\] .*bbox must be \[x, y, width, height\]"),
+])
+def test_bad_instances_name_the_file_the_annotation_and_what_to_fix(objects, expected) -> None:
+    captions = official_captions("captions_train2014.json", [(1, "COCO_train2014_000000000001.jpg")])
+    path = instances_file("instances_train2014.json", [(1, 24, 16)], objects)
+    config = DataConfig(source="coco", coco=CocoConfig(str(COCO_IMAGES), split_files([captions], [captions],
+                                                                                     [captions]),
+                                                       split_files([path], [], [])))
+    with pytest.raises(DatasetError, match=expected) as error:
+        import_entries(config)
+    assert path in str(error.value)
+
+
+def test_instances_paths_must_lie_under_data_raw() -> None:
+    with pytest.raises(ParamsError, match=r"data\.coco\.instances\.val\[0\]='elsewhere/instances\.json' must be"):
+        karpathy_config(coco=CocoConfig(str(COCO_IMAGES), karpathy_config().coco.captions,
+                                        split_files([], ["elsewhere/instances.json"], [])))
+
+
 # --------------------------------------------------------------------------- VQAv2, alone and merged with COCO
 
 
@@ -309,6 +426,26 @@ def test_jsonl_manifest_records_become_rows() -> None:
     assert rows["test"][0]["image_id"] == "images/bird.png"
 
 
+def test_jsonl_regions_are_boxes_or_points_in_fractions_of_the_image() -> None:
+    folder = RAW / "manifest"
+    save_image(folder / "cat.png", (200, 10, 10))
+    save_image(folder / "dog.png", (10, 10, 200))
+    train = write_manifest(folder / "train.jsonl", [
+        {"image": "cat.png", "captions": ["a cat."], "regions": [
+            {"phrase": "cat", "box": [0.1, 0.2, 0.5, 1.0]}, {"phrase": " lamp ", "point": [0.9, 0.05]},
+            {"phrase": "rug", "box": [-0.004, 0.5, 1.003, 1.0]}]},  # a rounding error past the edges: clamped
+        {"image": "dog.png", "captions": ["a dog."]}])
+    save_image(folder / "bird.png", (10, 200, 10))
+    other = write_manifest(folder / "other.jsonl", [{"image": "bird.png", "captions": ["a bird."]}])
+
+    rows, _ = imported(jsonl_config(train, other, other))
+
+    cat, dog = rows["train"]
+    assert rounded(cat["regions"]) == [box(0.3, 0.6, 0.4, 0.8, "cat"), box(0.9, 0.05, 0.0, 0.0, "lamp"),
+                                       box(0.5, 0.75, 1.0, 0.5, "rug")]
+    assert dog["regions"] == []
+
+
 @pytest.mark.parametrize(("line", "expected"), [
     ('{"image": "a.png", "captions": ["x"]', r"train\.jsonl:2: not valid JSON"),
     ({"image": "a.png", "caption": ["x"]}, r"train\.jsonl:2: unknown field 'caption'; allowed fields: image"),
@@ -316,6 +453,20 @@ def test_jsonl_manifest_records_become_rows() -> None:
     ({"image": "a.png", "questions": [{"question": "q?", "answers": []}]}, r":2: questions\[0\]: 'answers'"),
     ({"image": "/etc/a.png", "captions": ["x"]}, r":2: image '/etc/a.png' must be a path relative"),
     ({"image": "ok.png", "captions": ["y"]}, r":2: id 'ok.png' was already used on line 1"),
+    ({"image": "a.png", "captions": ["x"], "regions": [{"phrase": "cat", "box": [0.1, 0.1, 0.2, 0.2]},
+                                                       {"phrase": "dog", "box": [12, 30, 200, 180]}]},
+     r":2: regions\[1\]: box \[12, 30, 200, 180\]: reaches outside the image .* coordinates are fractions of the "
+     r"image's width and height: divide pixel values by the image size"),
+    ({"image": "a.png", "captions": ["x"], "regions": [{"phrase": "cat", "box": [0.5, 0.1, 0.2, 0.2]}]},
+     r":2: regions\[0\]: box \[0\.5, 0\.1, 0\.2, 0\.2\]: the box ends before it starts \(x1 < x0\)"),
+    ({"image": "a.png", "captions": ["x"], "regions": [{"phrase": "cat", "box": [0, 0, 1, 1], "point": [0, 0]}]},
+     r":2: regions\[0\]: give either a 'box' \[x0, y0, x1, y1\] or a 'point' \[x, y\] \(not both\)"),
+    ({"image": "a.png", "captions": ["x"], "regions": [{"phrase": "cat"}]}, r":2: regions\[0\]: give either"),
+    ({"image": "a.png", "captions": ["x"], "regions": [{"phrase": "cat", "bbox": [0, 0, 1, 1]}]},
+     r":2: regions\[0\]: unknown field 'bbox'; allowed fields: phrase, box, point"),
+    ({"image": "a.png", "captions": ["x"], "regions": [{"phrase": "cat", "point": [0.5]}]},
+     r":2: regions\[0\]: 'point' must be \[x, y\], got \[0\.5\]"),
+    ({"image": "a.png", "captions": ["x"], "regions": [{"box": [0, 0, 1, 1]}]}, r":2: regions\[0\]: has no 'phrase'"),
 ])
 def test_bad_manifest_lines_are_reported_with_their_line_number(line: object, expected: str) -> None:
     path = write_manifest(RAW / "m" / "train.jsonl", [{"image": "ok.png", "captions": ["fine"]}, line])

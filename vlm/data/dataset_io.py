@@ -152,7 +152,7 @@ def validate_record(record: Mapping[str, Any]) -> None:
                 and all(_fraction(region[key]) for key in ("x", "y", "w", "h"))
                 and isinstance(region["phrase"], str) and region["phrase"]):
             raise fail(f"regions[{index}]", "must be {'x': 0..1, 'y': 0..1, 'w': 0..1, 'h': 0..1, 'phrase': non-empty "
-                       f"text} (a box's centre and size as fractions of the image; a point has w = h = 0), got "
+                       "text} (a box's centre and size as fractions of the image; a point has w = h = 0), got "
                        f"{region!r}")
         if not all(-1e-9 <= region[c] - region[s] / 2 and region[c] + region[s] / 2 <= 1 + 1e-9
                    for c, s in (("x", "w"), ("y", "h"))):

@@ -49,8 +49,8 @@ def box_region(x0: float, y0: float, x1: float, y1: float, phrase: str, where: s
     outside the image is clamped to its edge. DatasetError naming `where` if a corner lies further out (with `hint`,
     what to do about it) or the box ends before it starts."""
     if not all(-OVERSHOOT <= value <= 1 + OVERSHOOT for value in (x0, y0, x1, y1)):  # NaN fails too
-        raise DatasetError(f"{where}: reaches outside the image (corners ({x0:.4g}, {y0:.4g}) and ({x1:.4g}, "
-                           f"{y1:.4g}) as fractions of its width and height, which lie in 0..1); {hint}")
+        raise DatasetError(f"{where}: reaches outside the image (0..1 on both axes, as fractions of its width and "
+                           f"height): from ({x0:.4g}, {y0:.4g}) to ({x1:.4g}, {y1:.4g}); {hint}")
     if x1 < x0 or y1 < y0:
         raise DatasetError(f"{where}: the box ends before it starts ({'x1 < x0' if x1 < x0 else 'y1 < y0'}); "
                            "give its top-left corner first, then its bottom-right one")
