@@ -535,3 +535,42 @@ def test_jsonl_dataset_runs_through_the_whole_pipeline(tmp_path: Path) -> None:
     run(["dvc", "add", "data/raw/shapes"], repo)
     status = run(["dvc", "status", "dvc.yaml:data"], repo).stdout
     assert "data/raw" in status and "modified" in status
+
+
+def test_coco_with_instances_trains_the_grid_target_through_the_whole_pipeline(tmp_path: Path, monkeypatch) -> None:
+    """Karpathy's captions and the two official instances files, in their real layout: the boxes become regions,
+    the grid alignment trains on them, and the evaluation reads the slots back against the test images' boxes."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    init_pipeline_repo(repo)
+    monkeypatch.chdir(repo)  # the fixture helpers write under ./data/raw
+    images = ([(i, "train2014", "train") for i in range(1, 7)] + [(7, "val2014", "restval"), (8, "val2014", "restval")]
+              + [(9, "val2014", "val"), (10, "val2014", "val")] + [(i, "val2014", "test") for i in (11, 12, 13)])
+    objects = {"train2014": [], "val2014": []}
+    for coco_id, folder, _ in images:
+        coco_image(coco_id, folder, (48, 32))
+        # a dog or a cup in the top-left cell, every third image a person on the right too; image 13 only a crowd
+        if coco_id != 13:
+            objects[folder].append((coco_id, [2, 2, 18, 12], 18 if coco_id % 2 else 47, 0))
+        if coco_id % 3 == 0:
+            objects[folder].append((coco_id, [28, 4, 16, 24], 1, 1 if coco_id == 12 else 0))
+    karpathy_file(images)
+    train, val = (instances_file(f"instances_{folder}.json", [(i, 48, 32) for i, f, _ in images if f == folder],
+                                 objects[folder]) for folder in ("train2014", "val2014"))
+    set_params(repo, {"data": {"source": "coco", "coco": {"instances": {"train": [train, val], "val": [val],
+                                                                         "test": [val]}}},
+                      "train_vlm": {"align": {"target": "grid", "spatial_grid": 2}}})  # 4 queries: one per cell
+    run(["dvc", "add", "data/raw/coco"], repo)
+    commit_all(repo, "sources, tiny models, a COCO dataset with instances")
+
+    result = run(["dvc", "repro"], repo)
+
+    assert stages_run(result) == ["data", "weights", "embed", "train_qformer", "train_vlm", "evaluate"]
+    counts = json.loads((repo / "metrics" / "data.json").read_text())
+    assert (counts["train_images"], counts["train_regions"], counts["test_regions"]) == (8, 10, 2)
+    test_rows = {row["image_id"]: row for row in iter_split(repo / "data" / "dataset" / "test.parquet")}
+    assert rounded(test_rows["11"]["regions"]) == [box(0.229166667, 0.25, 0.375, 0.375, "dog")]
+    assert test_rows["12"]["regions"][0]["phrase"] == "cup" and test_rows["13"]["regions"] == []  # crowds left out
+    assert "align_accuracy" in json.loads((repo / "metrics" / "train_vlm.json").read_text())
+    evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert 0.0 <= evaluation["slot_accuracy"] <= 1.0  # the slots scored against the test images' boxes
