@@ -34,7 +34,7 @@ def main() -> None:
     embeddings = load_embeddings(EMBEDDINGS_DIR / "test", expect=expected_metadata(params.backbone))
     blank = load_embeddings(BLANK_EMBEDDING, expect=made_like(embeddings))
     caption_tasks, vqa_tasks = load_tasks(DATASET_DIR / "test.parquet", params.llm)
-    regions = image_regions(DATASET_DIR / "test.parquet")  # the synthetic scenes' objects; imports have none
+    regions = image_regions(DATASET_DIR / "test.parquet")  # the objects' boxes, where the data has them
     metrics, records = evaluate(model, embeddings, caption_tasks, vqa_tasks, params.eval, blank, regions)
     PREDICTIONS_DIR.mkdir(exist_ok=True)
     tmp = PREDICTIONS_DIR / "test.jsonl.tmp"

@@ -37,7 +37,7 @@ def make_record(index: int, **overrides: object) -> dict:
         "questions": [f"question {index}?", "what is it?"],
         "answers": [["yes"] * 10, ["a cat", "cat", f"answer {index}"]],
         "question_types": ["yes/no", "what"],
-        "regions": [{"x": 0.25, "y": 0.5, "phrase": f"object {index}"}] if index % 2 else [],
+        "regions": [{"x": 0.25, "y": 0.5, "w": 0.5, "h": 0.2, "phrase": f"object {index}"}] if index % 2 else [],
     }
     record.update(overrides)
     return record

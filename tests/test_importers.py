@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 from pipeline_repo import commit_all, init_pipeline_repo, run, set_params, stages_run
 
-from vlm.config import CocoConfig, DataConfig, SplitCounts, SplitFiles, VQAv2Config
+from vlm.config import CocoConfig, DataConfig, ParamsError, SplitCounts, SplitFiles, VQAv2Config
+from vlm.data import imports
+from vlm.data.coco import read_instances
 from vlm.data.dataset_io import DatasetError, iter_split, read_metadata
 from vlm.data.entry import RecordStream
 from vlm.data.imports import import_entries
@@ -61,6 +64,35 @@ def official_captions(name: str, images: list[tuple[int, str]]) -> str:
         "images": [{"id": coco_id, "file_name": file_name, "height": 16, "width": 24} for coco_id, file_name in images],
         "annotations": [{"image_id": coco_id, "id": 100 + coco_id, "caption": f"official caption {coco_id}"}
                         for coco_id, _ in images]})
+
+
+CATEGORIES = {18: "dog", 47: "cup", 1: "person"}
+
+
+def instances_file(name: str, images: list[tuple[int, int, int]], objects: list[tuple[int, list[float], int, int]]
+                   ) -> str:
+    """instances_*.json for images (id, width, height) and objects (image_id, bbox [x, y, w, h] in pixels,
+    category_id, iscrowd), with COCO's other fields (segmentation, area, ids)."""
+    return write_json(RAW / "coco" / "annotations" / name, {
+        "info": {}, "licenses": [],
+        "images": [{"id": coco_id, "width": width, "height": height, "file_name": f"{coco_id:012d}.jpg",
+                    "license": 1, "coco_url": "", "date_captured": ""} for coco_id, width, height in images],
+        "annotations": [{"id": 900 + index, "image_id": image_id, "bbox": bbox, "category_id": category,
+                         "iscrowd": crowd, "area": bbox[-1] * bbox[-2],
+                         "segmentation": {"counts": [1], "size": [1, 1]} if crowd else [[0, 0, 1, 0, 1, 1]]}
+                        for index, (image_id, bbox, category, crowd) in enumerate(objects)],
+        "categories": [{"supercategory": "thing", "id": category, "name": name}
+                       for category, name in CATEGORIES.items()]})
+
+
+def box(x: float, y: float, w: float, h: float, phrase: str) -> dict:
+    return {"x": x, "y": y, "w": w, "h": h, "phrase": phrase}
+
+
+def rounded(regions: list[dict]) -> list[dict]:
+    """Regions with their fractions rounded off (0.4 - 0.1 is 0.30000000000000004)."""
+    return [{key: round(value, 9) if isinstance(value, float) else value for key, value in region.items()}
+            for region in regions]
 
 
 ANSWER_TYPES = {"what color is": "other", "is there": "yes/no", "how many": "number"}
@@ -214,6 +246,92 @@ def test_train_images_must_not_be_in_val_or_test() -> None:
         imported(config)
 
 
+# --------------------------------------------------------------------------- COCO instances: object boxes as regions
+
+
+def test_instances_join_karpathy_captions_as_regions_and_crowds_are_left_out(coco_layout, capsys,
+                                                                               monkeypatch) -> None:
+    train = instances_file("instances_train2014.json", [(1, 200, 100), (2, 24, 16)], [
+        (1, [20, 10, 60, 40], 18, 0),   # a dog: centre (50, 30) of 200 x 100
+        (1, [0, 0, 200, 100], 1, 1),    # a crowd of people: left out
+        (1, [150, 50, 10, 10], 47, 0)])  # a cup; image 2 has no objects
+    val = instances_file("instances_val2014.json", [(3, 24, 16), (4, 24, 16), (5, 24, 16), (99, 24, 16)], [
+        (4, [0, 0, 12, 8], 47, 0), (99, [0, 0, 1, 1], 18, 0)])  # image 99 is in no caption split
+    reads = []
+
+    def counted(path):
+        reads.append(path)
+        return read_instances(path)
+
+    monkeypatch.setattr(imports, "read_instances", counted)
+    config = karpathy_config(coco=CocoConfig(str(COCO_IMAGES), karpathy_config().coco.captions,
+                                             split_files([train, val], [val], [val, train])))
+
+    rows, _ = imported(config)
+
+    by_id = {row["image_id"]: row for split_rows in rows.values() for row in split_rows}
+    assert rounded(by_id["1"]["regions"]) == [box(0.25, 0.3, 0.3, 0.4, "dog"), box(0.775, 0.55, 0.05, 0.1, "cup")]
+    assert by_id["1"]["captions"] == ["A photo of image 1.", "image 1 again"]  # joined to the caption row
+    assert by_id["2"]["regions"] == by_id["3"]["regions"] == by_id["5"]["regions"] == []
+    assert by_id["4"]["regions"] == [box(0.25, 0.25, 0.5, 0.5, "cup")]
+    assert sorted(map(str, reads)) == sorted([train, val])  # each file read once, though several splits list it
+    log = capsys.readouterr().out
+    assert f"data test: 0 of the 1 images with objects in {train} are in this split; is the file listed for the " \
+           "right split (param data.coco.instances.test)?" in log
+    assert f"data val: 0 of the 2 images with objects in {val}" in log
+    assert f"data test: 1 of the 2 images with objects in {val}" in log
+
+
+def test_instances_join_official_captions_or_vqav2_and_small_overshoot_is_clamped() -> None:
+    captions = [official_captions(f"captions_{name}.json", [(coco_id, f"{coco_id:012d}.jpg")])
+                for name, coco_id in (("train2014", 2), ("val2014", 3), ("test", 4))]
+    # 640 x 480 in the instances file: the box reaches 0.5 px past the right edge (COCO's rounding)
+    objects = instances_file("instances_train2014.json", [(2, 640, 480), (3, 640, 480)],
+                             [(2, [320, 240, 320.5, 240], 18, 0), (3, [0, 0, 64, 48], 47, 0)])
+    train, val = vqa_files("train2014", [(10, 2, "is there")]), vqa_files("val2014", [(30, 3, "is there"),
+                                                                                      (40, 4, "how many")])
+    instances = split_files([objects], [objects], [])
+    coco = DataConfig(source="coco", coco=CocoConfig(str(COCO_IMAGES), split_files(*([c] for c in captions)),
+                                                     instances))
+    vqav2 = DataConfig(source="vqav2", coco=CocoConfig(instances=instances), vqav2=VQAv2Config(
+        str(COCO_IMAGES), split_files([train[0]], [val[0]], [val[0]]), split_files([train[1]], [val[1]], [val[1]])))
+    for config in (coco, vqav2):
+        splits = import_entries(config)  # reads annotations, no image
+        regions = {split: {entry.image_id: rounded(map(vars, entry.regions)) for entry in entries}
+                   for split, entries in splits.items()}
+        assert regions["train"] == {"2": [box(0.75, 0.75, 0.5, 0.5, "dog")]}, config.source  # clamped to the image
+        assert regions["val"]["3"] == [box(0.05, 0.05, 0.1, 0.1, "cup")]
+        assert regions["test"]["4"] == []  # no instances file listed for test
+
+
+@pytest.mark.parametrize(("objects", "expected"), [
+    ([(1, [0, 0, 5, 5], 47, 0), (1, [0, 0, 5, 5], 7, 0)],
+     r"annotations\[1\] \(image_id 1\): unknown category_id 7; the file's 'categories' have ids \[1, 18, 47\]"),
+    ([(1, [0, 0, 5, 5], 47, 0), (8, [0, 0, 5, 5], 47, 0)],
+     r"annotations\[1\] \(image_id 8\): image_id 8 is not in the file's 'images'"),
+    ([(1, [0, 0, 5, 5], 47, 0), (1, [20, 10, 60, 40], 47, 0)],  # pixels of a bigger image
+     r"annotations\[1\] \(image_id 1\): reaches outside the image .*bbox \[20, 10, 60, 40\] is \[x, y, width, "
+     r"height\] in pixels of the 24 x 16 image of .*images\[0\] \(id 1\); correct the box"),
+    ([(1, [0, 0, 5, 5], 47, 0), (1, [5, 5, -2, 3], 47, 0)], r"annotations\[1\] .*negative width or height"),
+    ([(1, [0, 0, 5, 5], 47, 0), (1, [5, 5, 3], 47, 0)], r"annotations\[1\] .*bbox must be \[x, y, width, height\]"),
+])
+def test_bad_instances_name_the_file_the_annotation_and_what_to_fix(objects, expected) -> None:
+    captions = official_captions("captions_train2014.json", [(1, "COCO_train2014_000000000001.jpg")])
+    path = instances_file("instances_train2014.json", [(1, 24, 16)], objects)
+    config = DataConfig(source="coco", coco=CocoConfig(str(COCO_IMAGES), split_files([captions], [captions],
+                                                                                     [captions]),
+                                                       split_files([path], [], [])))
+    with pytest.raises(DatasetError, match=expected) as error:
+        import_entries(config)
+    assert path in str(error.value)
+
+
+def test_instances_paths_must_lie_under_data_raw() -> None:
+    with pytest.raises(ParamsError, match=r"data\.coco\.instances\.val\[0\]='elsewhere/instances\.json' must be"):
+        karpathy_config(coco=CocoConfig(str(COCO_IMAGES), karpathy_config().coco.captions,
+                                        split_files([], ["elsewhere/instances.json"], [])))
+
+
 # --------------------------------------------------------------------------- VQAv2, alone and merged with COCO
 
 
@@ -309,6 +427,26 @@ def test_jsonl_manifest_records_become_rows() -> None:
     assert rows["test"][0]["image_id"] == "images/bird.png"
 
 
+def test_jsonl_regions_are_boxes_or_points_in_fractions_of_the_image() -> None:
+    folder = RAW / "manifest"
+    save_image(folder / "cat.png", (200, 10, 10))
+    save_image(folder / "dog.png", (10, 10, 200))
+    train = write_manifest(folder / "train.jsonl", [
+        {"image": "cat.png", "captions": ["a cat."], "regions": [
+            {"phrase": "cat", "box": [0.1, 0.2, 0.5, 1.0]}, {"phrase": " lamp ", "point": [0.9, 0.05]},
+            {"phrase": "rug", "box": [-0.004, 0.5, 1.003, 1.0]}]},  # a rounding error past the edges: clamped
+        {"image": "dog.png", "captions": ["a dog."]}])
+    save_image(folder / "bird.png", (10, 200, 10))
+    other = write_manifest(folder / "other.jsonl", [{"image": "bird.png", "captions": ["a bird."]}])
+
+    rows, _ = imported(jsonl_config(train, other, other))
+
+    cat, dog = rows["train"]
+    assert rounded(cat["regions"]) == [box(0.3, 0.6, 0.4, 0.8, "cat"), box(0.9, 0.05, 0.0, 0.0, "lamp"),
+                                       box(0.5, 0.75, 1.0, 0.5, "rug")]
+    assert dog["regions"] == []
+
+
 @pytest.mark.parametrize(("line", "expected"), [
     ('{"image": "a.png", "captions": ["x"]', r"train\.jsonl:2: not valid JSON"),
     ({"image": "a.png", "caption": ["x"]}, r"train\.jsonl:2: unknown field 'caption'; allowed fields: image"),
@@ -316,6 +454,20 @@ def test_jsonl_manifest_records_become_rows() -> None:
     ({"image": "a.png", "questions": [{"question": "q?", "answers": []}]}, r":2: questions\[0\]: 'answers'"),
     ({"image": "/etc/a.png", "captions": ["x"]}, r":2: image '/etc/a.png' must be a path relative"),
     ({"image": "ok.png", "captions": ["y"]}, r":2: id 'ok.png' was already used on line 1"),
+    ({"image": "a.png", "captions": ["x"], "regions": [{"phrase": "cat", "box": [0.1, 0.1, 0.2, 0.2]},
+                                                       {"phrase": "dog", "box": [12, 30, 200, 180]}]},
+     r":2: regions\[1\]: box \[12, 30, 200, 180\]: reaches outside the image .* coordinates are fractions of the "
+     r"image's width and height: divide pixel values by the image size"),
+    ({"image": "a.png", "captions": ["x"], "regions": [{"phrase": "cat", "box": [0.5, 0.1, 0.2, 0.2]}]},
+     r":2: regions\[0\]: box \[0\.5, 0\.1, 0\.2, 0\.2\]: the box ends before it starts \(x1 < x0\)"),
+    ({"image": "a.png", "captions": ["x"], "regions": [{"phrase": "cat", "box": [0, 0, 1, 1], "point": [0, 0]}]},
+     r":2: regions\[0\]: give either a 'box' \[x0, y0, x1, y1\] or a 'point' \[x, y\] \(not both\)"),
+    ({"image": "a.png", "captions": ["x"], "regions": [{"phrase": "cat"}]}, r":2: regions\[0\]: give either"),
+    ({"image": "a.png", "captions": ["x"], "regions": [{"phrase": "cat", "bbox": [0, 0, 1, 1]}]},
+     r":2: regions\[0\]: unknown field 'bbox'; allowed fields: phrase, box, point"),
+    ({"image": "a.png", "captions": ["x"], "regions": [{"phrase": "cat", "point": [0.5]}]},
+     r":2: regions\[0\]: 'point' must be \[x, y\], got \[0\.5\]"),
+    ({"image": "a.png", "captions": ["x"], "regions": [{"box": [0, 0, 1, 1]}]}, r":2: regions\[0\]: has no 'phrase'"),
 ])
 def test_bad_manifest_lines_are_reported_with_their_line_number(line: object, expected: str) -> None:
     path = write_manifest(RAW / "m" / "train.jsonl", [{"image": "ok.png", "captions": ["fine"]}, line])
@@ -335,7 +487,8 @@ def test_manifest_missing_image_names_the_line() -> None:
 
 
 def tiny_manifest_dataset(root: Path) -> dict[str, list[str]]:
-    """A JSONL dataset of 8 train, 2 val and 3 test images under root/data/raw/shapes; returns the ids per split."""
+    """A JSONL dataset of 8 train, 2 val and 3 test images under root/data/raw/shapes, a quarter of the train images
+    and one test image without a caption, none with regions; returns the ids per split."""
     folder = root / "data" / "raw" / "shapes"
     colors = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "white": (250, 250, 250)}
     ids = {}
@@ -345,7 +498,8 @@ def tiny_manifest_dataset(root: Path) -> dict[str, list[str]]:
             name, rgb = list(colors.items())[index % len(colors)]
             image = f"images/{split}-{index}.{'png' if index % 2 else 'jpg'}"
             save_image(folder / image, rgb, (40 + index, 32))
-            records.append({"image": image, "id": f"{split}-{index}", "captions": [f"a {name} square."],
+            captioned = not (split == "train" and index % 4 == 3 or split == "test" and index == 2)
+            records.append({"image": image, "id": f"{split}-{index}", "captions": [f"a {name} square."] * captioned,
                             "questions": [{"question": "what color is it?", "answers": [name] * 3, "type": "color"}]})
         write_manifest(folder / f"{split}.jsonl", records)
         ids[split] = [record["id"] for record in records]
@@ -353,27 +507,36 @@ def tiny_manifest_dataset(root: Path) -> dict[str, list[str]]:
 
 
 def test_jsonl_dataset_runs_through_the_whole_pipeline(tmp_path: Path) -> None:
+    """As the README's "Your own data" says: data.source and its files, `vlm recipe own-data`, `dvc repro`. Under
+    the scenes' grid recipe the same data stops at `check`, before `embed`, naming the recipe that fits."""
     repo = tmp_path / "repo"
     repo.mkdir()
     init_pipeline_repo(repo)
     ids = tiny_manifest_dataset(repo)
     set_params(repo, {"data": {"source": "jsonl", "jsonl": {
-        split: [f"data/raw/shapes/{split}.jsonl"] for split in ("train", "val", "test")}},
-        "train_vlm": {"align": {"target": "caption"}}})  # a manifest has no regions for the grid target
+        split: [f"data/raw/shapes/{split}.jsonl"] for split in ("train", "val", "test")}}})
     run(["dvc", "add", "data/raw/shapes"], repo)  # as README says: DVC tracks the raw data, git the .dvc file
     commit_all(repo, "sources, tiny models, a JSONL dataset")
 
+    failed = run(["dvc", "repro"], repo, check=False)
+    assert failed.returncode != 0 and stages_run(failed) == ["data", "check"]
+    assert "train_vlm.align.target" in failed.stderr and "vlm recipe own-data" in failed.stderr
+    run([sys.executable, "-m", "vlm.cli", "recipe", "own-data"], repo)
     first = run(["dvc", "repro"], repo)
 
-    assert stages_run(first) == ["data", "weights", "embed", "train_qformer", "train_vlm", "evaluate"]
+    assert stages_run(first) == ["check", "weights", "embed", "train_qformer", "train_vlm", "evaluate"]
     test_rows = list(iter_split(repo / "data" / "dataset" / "test.parquet"))
     assert [row["image_id"] for row in test_rows] == ids["test"]
     assert test_rows[1]["answers"] == [["green"] * 3]
     assert read_metadata(repo / "data" / "dataset" / "train.parquet")["source"] == "jsonl"
     counts = json.loads((repo / "metrics" / "data.json").read_text())
-    assert (counts["train_images"], counts["train_captions"], counts["train_questions"]) == (8, 8, 8)
+    assert (counts["train_images"], counts["train_captions"], counts["train_questions"]) == (8, 6, 8)
+    stage1 = json.loads((repo / "metrics" / "train_qformer.json").read_text())
+    assert (stage1["images"], stage1["images_without_captions"]) == (6, 2)
+    assert stage1["retrieval_images"] == 2  # the caption-less test image is no candidate, so it is no miss
     evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
     assert 0.0 <= evaluation["vqa_accuracy_color"] <= 1.0 and "cider" in evaluation
+    assert (evaluation["caption_images"], evaluation["question_images"]) == (2, 3)
     predictions = [json.loads(line) for line in (repo / "predictions" / "test.jsonl").read_text().splitlines()]
     assert {p["image_id"] for p in predictions} == set(ids["test"])
     commit_all(repo, "reproduced")
@@ -384,3 +547,42 @@ def test_jsonl_dataset_runs_through_the_whole_pipeline(tmp_path: Path) -> None:
     run(["dvc", "add", "data/raw/shapes"], repo)
     status = run(["dvc", "status", "dvc.yaml:data"], repo).stdout
     assert "data/raw" in status and "modified" in status
+
+
+def test_coco_with_instances_trains_the_grid_target_through_the_whole_pipeline(tmp_path: Path, monkeypatch) -> None:
+    """Karpathy's captions and the two official instances files, in their real layout: the boxes become regions,
+    the grid alignment trains on them, and the evaluation reads the slots back against the test images' boxes."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    init_pipeline_repo(repo)
+    monkeypatch.chdir(repo)  # the fixture helpers write under ./data/raw
+    images = ([(i, "train2014", "train") for i in range(1, 7)] + [(7, "val2014", "restval"), (8, "val2014", "restval")]
+              + [(9, "val2014", "val"), (10, "val2014", "val")] + [(i, "val2014", "test") for i in (11, 12, 13)])
+    objects = {"train2014": [], "val2014": []}
+    for coco_id, folder, _ in images:
+        coco_image(coco_id, folder, (48, 32))
+        # a dog or a cup in the top-left cell, every third image a person on the right too; image 13 only a crowd
+        if coco_id != 13:
+            objects[folder].append((coco_id, [2, 2, 18, 12], 18 if coco_id % 2 else 47, 0))
+        if coco_id % 3 == 0:
+            objects[folder].append((coco_id, [28, 4, 16, 24], 1, 1 if coco_id == 12 else 0))
+    karpathy_file(images)
+    train, val = (instances_file(f"instances_{folder}.json", [(i, 48, 32) for i, f, _ in images if f == folder],
+                                 objects[folder]) for folder in ("train2014", "val2014"))
+    set_params(repo, {"data": {"source": "coco", "coco": {"instances": {"train": [train, val], "val": [val],
+                                                                         "test": [val]}}},
+                      "train_vlm": {"align": {"target": "grid"}, "grid": {"size": 2}}})  # 4 queries: one per cell
+    run(["dvc", "add", "data/raw/coco"], repo)
+    commit_all(repo, "sources, tiny models, a COCO dataset with instances")
+
+    result = run(["dvc", "repro"], repo)
+
+    assert stages_run(result) == ["data", "check", "weights", "embed", "train_qformer", "train_vlm", "evaluate"]
+    counts = json.loads((repo / "metrics" / "data.json").read_text())
+    assert (counts["train_images"], counts["train_regions"], counts["test_regions"]) == (8, 10, 2)
+    test_rows = {row["image_id"]: row for row in iter_split(repo / "data" / "dataset" / "test.parquet")}
+    assert rounded(test_rows["11"]["regions"]) == [box(0.229166667, 0.25, 0.375, 0.375, "dog")]
+    assert test_rows["12"]["regions"][0]["phrase"] == "cup" and test_rows["13"]["regions"] == []  # crowds left out
+    assert "align_accuracy" in json.loads((repo / "metrics" / "train_vlm.json").read_text())
+    evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert 0.0 <= evaluation["slot_accuracy"] <= 1.0  # the slots scored against the test images' boxes

@@ -12,7 +12,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -143,30 +142,3 @@ def test_experiment_run_and_metrics_diff(repo: Path) -> None:
     first = plots["plots/gallery/test-000000.png"]
     assert {revision for entry in first for revision in entry["revisions"]} == {"HEAD", "workspace"}
 
-
-def test_own_jsonl_data_without_regions_trains_with_the_own_data_recipe(repo: Path) -> None:
-    """A user's JSONL dataset (tools/make_own_dataset.py: 64 px JPEGs, captions on only part of the images, no
-    regions), as the README's own-data section says: data.source and its files, then `vlm recipe own-data`. The
-    scenes' grid recipe on it stops at `check`, before `embed`, naming the recipe that fits."""
-    run([sys.executable, "-m", "tools.make_own_dataset", "--out", "data/raw/own", "--train", "24", "--val", "4",
-         "--test", "12", "--caption-fraction", "0.75", "--seed", "1"], repo)
-    set_params(repo, {"data": {"source": "jsonl", "jsonl": {split: [f"data/raw/own/{split}.jsonl"]
-                                                            for split in ("train", "val", "test")}}})
-    failed = run(["dvc", "repro"], repo, check=False)
-    assert failed.returncode != 0 and stages_run(failed) == ["data", "check"]
-    assert "train_vlm.align.target" in failed.stderr and "vlm recipe own-data" in failed.stderr
-    last = [line for line in failed.stderr.splitlines() if line.strip()][-1]
-    assert "dulwich" not in last and "Exception ignored" not in last, failed.stderr[-2000:]
-
-    run([sys.executable, "-m", "vlm.cli", "recipe", "own-data"], repo)
-    result = run(["dvc", "repro"], repo)
-    assert stages_run(result) == ["check", "embed", "train_qformer", "train_vlm", "evaluate"]
-    data = json.loads((repo / "metrics" / "check.json").read_text())
-    assert data["train_images"] == 24 and data["train_with_captions"] < 24 and data["train_with_regions"] == 0
-    stage1 = json.loads((repo / "metrics" / "train_qformer.json").read_text())
-    assert stage1["images"] == data["train_with_captions"]
-    assert stage1["images_without_captions"] == 24 - data["train_with_captions"]
-    assert stage1["retrieval_images"] == data["test_with_captions"]  # caption-less test images are no candidates
-    evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
-    assert evaluation["caption_images"] == data["test_with_captions"] and evaluation["question_images"] == 12
-    assert 0.0 <= evaluation["vqa_accuracy"] <= 1.0 and "cider" in evaluation

@@ -14,7 +14,8 @@ from vlm.models.prompt import IGNORE_INDEX
 from vlm.train.align import grid_targets, phrase_ids
 
 # a 2 x 2 grid, one query per cell: the red circle's cell names " red", the others " none"
-REGIONS = {"a": [{"x": 0.2, "y": 0.2, "phrase": "red circle"}], "b": [{"x": 0.8, "y": 0.8, "phrase": "blue square"}]}
+REGIONS = {"a": [{"x": 0.2, "y": 0.2, "w": 0.1, "h": 0.1, "phrase": "red circle"}],
+           "b": [{"x": 0.8, "y": 0.8, "w": 0.1, "h": 0.1, "phrase": "blue square"}]}
 
 
 def test_slots_that_name_the_scene_are_right_and_a_misnamed_one_is_not(tmp_path: Path, monkeypatch) -> None:

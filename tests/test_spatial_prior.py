@@ -3,13 +3,15 @@
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from tiny_models import tiny_vlm, tiny_vlm_folders
 from tiny_qformer import IMAGE_WIDTH, tiny_qformer
 
 from vlm.config import AlignConfig, GridConfig, ParamsError, VLMTrainConfig
-from vlm.data.dataset_io import DatasetError, read_split, write_split
+from vlm.data.dataset_io import DATASET_SCHEMA, DatasetError, read_split, write_split
 from vlm.data.embeddings import Embeddings, gather
 from vlm.data.synthetic import generate_records
 from vlm.models.prompt import IGNORE_INDEX
@@ -89,12 +91,30 @@ def test_grid_targets_name_each_cells_object_and_none_elsewhere() -> None:
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [self.vocab[w] for w in text.split()]}
 
-    regions = {"a": [{"x": 0.1, "y": 0.1, "phrase": "small red circle"},
-                     {"x": 0.9, "y": 0.9, "phrase": "large blue square"}]}
+    regions = {"a": [{"x": 0.1, "y": 0.1, "w": 0.1, "h": 0.1, "phrase": "small red circle"},
+                     {"x": 0.9, "y": 0.9, "w": 0.2, "h": 0.2, "phrase": "large blue square"}]}
     slots = grid_targets(Words(), regions, num_slots=14, grid=2, empty_ids=[0])["a"]  # 3 per cell, 2 left over: the count
     assert slots == [1, 2, 3, 0, 0, 0, 0, 0, 0, 4, 5, 6, 7, 7]
     with pytest.raises(ValueError, match="train_vlm.grid.size"):
         grid_targets(Words(), regions, num_slots=14, grid=0, empty_ids=[0])
+
+
+def test_of_several_objects_in_one_cell_the_largest_box_names_it_and_the_later_of_equal_ones() -> None:
+    class Words:
+        vocab = {"none": 0, "dog": 1, "cup": 2, "cat": 3, "ball": 4, "2": 5, "3": 6}
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [self.vocab[w] for w in text.split()]}
+
+    def box(x, y, side, phrase):
+        return {"x": x, "y": y, "w": side, "h": side, "phrase": phrase}
+
+    # top left: the dog (0.3 x 0.3) before a smaller cup, then equal cat and ball at the bottom right
+    regions = {"a": [box(0.2, 0.2, 0.3, "dog"), box(0.1, 0.3, 0.05, "cup")],
+               "b": [box(0.8, 0.8, 0.1, "cat"), box(0.7, 0.6, 0.1, "ball"), box(0.3, 0.2, 0.0, "cup")]}
+    targets = grid_targets(Words(), regions, num_slots=4, grid=2, empty_ids=[0])  # one slot per cell, none left over
+    assert targets["a"] == [1, 0, 0, 0]  # the larger box wins though it comes first
+    assert targets["b"] == [2, 0, 0, 4]  # a point (w = h = 0) names an empty cell; of equal boxes the later wins
 
 
 def test_regions_round_trip_and_bad_regions_name_the_record(tmp_path: Path) -> None:
@@ -106,9 +126,28 @@ def test_regions_round_trip_and_bad_regions_name_the_record(tmp_path: Path) -> N
     plain = [{k: v for k, v in r.items() if k != "regions"} for r in records]  # imports may leave it out
     write_split(plain, tmp_path / "plain.parquet")
     assert image_regions(tmp_path / "plain.parquet") == {}
-    bad = dict(records[0], regions=[{"x": 1.5, "y": 0.2, "phrase": "red circle"}])
+    assert stored[0][0]["w"] == stored[0][0]["h"] > 0  # the synthetic objects' bounding squares
+    bad = dict(records[0], regions=[{"x": 1.5, "y": 0.2, "w": 0.1, "h": 0.1, "phrase": "red circle"}])
     with pytest.raises(DatasetError, match=r"'train-000000'.*regions\[0\]"):
         write_split([bad], tmp_path / "bad.parquet")
+    old_format = dict(records[0], regions=[{"x": 0.5, "y": 0.2, "phrase": "red circle"}])  # a centre, no size
+    with pytest.raises(DatasetError, match=r"regions\[0\].*'w': 0\.\.1.*a point has w = h = 0"):
+        write_split([old_format], tmp_path / "bad.parquet")
+    outside = dict(records[0], regions=[{"x": 0.9, "y": 0.5, "w": 0.4, "h": 0.1, "phrase": "red circle"}])
+    with pytest.raises(DatasetError, match=r"regions\[0\]' is a box that reaches outside the image"):
+        write_split([outside], tmp_path / "bad.parquet")
+
+
+def test_a_split_written_before_regions_were_boxes_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    old_schema = pa.schema([field if field.name != "regions" else pa.field(
+        "regions", pa.list_(pa.struct([("x", pa.float64()), ("y", pa.float64()), ("phrase", pa.string())])))
+        for field in DATASET_SCHEMA])
+    record = next(iter(generate_records(seed=1, num_images=1, image_size=32, id_prefix="train")))
+    record["regions"] = [{"x": r["x"], "y": r["y"], "phrase": r["phrase"]} for r in record["regions"]]
+    pq.write_table(pa.Table.from_pylist([record], schema=old_schema), tmp_path / "train.parquet")
+    with pytest.raises(DatasetError, match=r"train\.parquet does not have the dataset schema.*regions is .*"
+                                           r"re-create it with the `data` stage \(`dvc repro data`\)"):
+        image_regions(tmp_path / "train.parquet")
 
 
 def test_grid_alignment_teaches_each_cells_queries_their_object(tmp_path: Path) -> None:

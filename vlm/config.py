@@ -66,6 +66,9 @@ class CocoConfig:
     # Karpathy's dataset_coco.json (each image's own `split` picks its rows; restval joins train) or official
     # captions_*.json files (all of their images).
     captions: SplitFiles = field(default_factory=lambda: _same_file_for_every_split("data/raw/coco/dataset_coco.json"))
+    # Optional official instances_*.json files: their object boxes become the `regions` of the split's images (joined
+    # by COCO id; for sources coco, coco+vqav2 and vqav2), which `train_vlm.align.target: grid` needs.
+    instances: SplitFiles = field(default_factory=SplitFiles)
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,10 @@ class DataConfig:
         if self.source in ("coco", "coco+vqav2"):
             _check_path("data.coco.images", self.coco.images)
             _check_split_files("data.coco.captions", self.coco.captions, self.source)
+        if self.source in ("coco", "coco+vqav2", "vqav2"):
+            for split in SPLITS:
+                for index, path in enumerate(getattr(self.coco.instances, split)):
+                    _check_path(f"data.coco.instances.{split}[{index}]", path)
         if self.source in ("vqav2", "coco+vqav2"):
             if self.source == "vqav2":
                 _check_path("data.vqav2.images", self.vqav2.images)

@@ -1,6 +1,6 @@
 """The one Parquet format every dataset split is stored in.
 
-Every source (the synthetic scenes, and later COCO captions, VQAv2 and JSONL imports) lands in the same
+Every source (the synthetic scenes, and COCO captions, VQAv2 and JSONL imports) lands in the same
 layout so that embedding, training and evaluation code never needs to know where the data came from:
 one Parquet file per split, one row per image, with all of the image's captions and question/answer
 pairs. Images are kept as the original encoded PNG/JPEG bytes (not decoded pixels) because that is
@@ -34,13 +34,16 @@ DATASET_SCHEMA = pa.schema(
         pa.field("answers", pa.list_(pa.list_(pa.string())), nullable=False),
         # Parallel to `questions`, e.g. "color", "count", "yes/no".
         pa.field("question_types", pa.list_(pa.string()), nullable=False),
-        # Objects where the source knows them: the centre (x, y as fractions of the width and height, y = 0 at
-        # the top) and a short phrase ("small red circle"). The synthetic scenes fill it; imports leave it empty.
-        # `train_vlm.align.target: grid` reads it.
-        pa.field("regions", pa.list_(pa.struct([("x", pa.float64()), ("y", pa.float64()), ("phrase", pa.string())])),
+        # Objects where the source knows them, as boxes: the centre (x, y) and the size (w, h), all fractions of
+        # the image's width and height (0..1, y = 0 at the top; a point has w = h = 0), and a short phrase
+        # ("small red circle", "dog"). The synthetic scenes fill it, as do COCO instances files
+        # (`data.coco.instances`) and a JSONL manifest's `regions`. `train_vlm.align.target: grid` reads it.
+        pa.field("regions", pa.list_(pa.struct([(key, pa.float64()) for key in ("x", "y", "w", "h")]
+                                               + [("phrase", pa.string())])),
                  nullable=False),
     ]
 )
+REGION_KEYS = ("x", "y", "w", "h", "phrase")
 COLUMNS: tuple[str, ...] = tuple(DATASET_SCHEMA.names)
 OPTIONAL_COLUMNS: dict[str, Any] = {"regions": []}  # a record may leave these out; they are written empty
 
@@ -143,13 +146,21 @@ def validate_record(record: Mapping[str, Any]) -> None:
             raise fail(f"answers[{index}]", "is empty; every question needs at least one answer")
     regions = record.get("regions", [])
     if not isinstance(regions, list | tuple):
-        raise fail("regions", f"must be a list of {{'x', 'y', 'phrase'}} dicts, got {type(regions).__name__}")
+        raise fail("regions", f"must be a list of {{'x', 'y', 'w', 'h', 'phrase'}} dicts, got {type(regions).__name__}")
     for index, region in enumerate(regions):
-        if not (isinstance(region, Mapping) and set(region) == {"x", "y", "phrase"}
-                and all(isinstance(region[key], int | float) and 0 <= region[key] <= 1 for key in ("x", "y"))
+        if not (isinstance(region, Mapping) and set(region) == set(REGION_KEYS)
+                and all(_fraction(region[key]) for key in ("x", "y", "w", "h"))
                 and isinstance(region["phrase"], str) and region["phrase"]):
-            raise fail(f"regions[{index}]",
-                       f"must be {{'x': 0..1, 'y': 0..1, 'phrase': non-empty text}}, got {region!r}")
+            raise fail(f"regions[{index}]", "must be {'x': 0..1, 'y': 0..1, 'w': 0..1, 'h': 0..1, 'phrase': non-empty "
+                       "text} (a box's centre and size as fractions of the image; a point has w = h = 0), got "
+                       f"{region!r}")
+        if not all(-1e-9 <= region[c] - region[s] / 2 and region[c] + region[s] / 2 <= 1 + 1e-9
+                   for c, s in (("x", "w"), ("y", "h"))):
+            raise fail(f"regions[{index}]", f"is a box that reaches outside the image, got {region!r}")
+
+
+def _fraction(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
 
 
 def _check_string_list(values: Any, fail: Callable[[str, str], DatasetError], field: str) -> None:
@@ -176,11 +187,10 @@ def iter_split(
 
 
 def count_split(path: Path) -> dict[str, int]:
-    """How many images, captions and questions a split holds (reads only the text columns)."""
-    table = read_split(path, columns=["captions", "questions"])
-    return {"images": table.num_rows,
-            "captions": int(pc.sum(pc.list_value_length(table["captions"])).as_py() or 0),
-            "questions": int(pc.sum(pc.list_value_length(table["questions"])).as_py() or 0)}
+    """How many images, captions, questions and regions a split holds (reads only those columns, not the images)."""
+    table = read_split(path, columns=["captions", "questions", "regions"])
+    return {"images": table.num_rows, **{column: int(pc.sum(pc.list_value_length(table[column])).as_py() or 0)
+                                         for column in ("captions", "questions", "regions")}}
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -225,7 +235,8 @@ def _open_split(path: Path, columns: list[str] | None) -> pq.ParquetFile:
     if missing or mistyped:
         raise DatasetError(
             f"dataset split {path} does not have the dataset schema: missing columns {missing}, "
-            f"wrong types {mistyped}; write it with vlm.data.dataset_io.write_split"
+            f"wrong types {mistyped}; it was written by an older version or another tool: re-create it with the "
+            "`data` stage (`dvc repro data`), which writes it with vlm.data.dataset_io.write_split"
         )
     unknown = [name for name in columns or [] if name not in schema.names]
     if unknown:

@@ -1,6 +1,6 @@
-"""One imported image before its bytes are read: its text, where its file is, and where the record came from.
+"""One imported image before its bytes are read: its text and objects, where its file is, where the record came from.
 
-Importers (coco, vqav2, jsonl_manifest) turn annotation files into Entries, which hold only text, so a whole
+Importers (coco, vqav2, jsonl_manifest) turn annotation files into Entries, which hold only text and boxes, so a whole
 split's annotations fit in memory while its images do not have to: a RecordStream reads one image at a time
 and yields dataset rows (vlm.data.dataset_io) for `write_split` to stream into Parquet.
 """
@@ -8,8 +8,9 @@ and yields dataset rows (vlm.data.dataset_io) for `write_split` to stream into P
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,37 @@ class Question:
     type: str
 
 
+@dataclass(frozen=True)
+class Region:
+    """An object's box: centre (x, y) and size (w, h), fractions of the image's width and height (y = 0 at the top;
+    a point has w = h = 0), and a short phrase naming it: one of the dataset's `regions` (vlm.data.dataset_io)."""
+
+    x: float
+    y: float
+    w: float
+    h: float
+    phrase: str
+
+
+# How far a box may reach past the image's edge, as a fraction of its side, and be clamped to it: annotation tools
+# round (COCO boxes overshoot by a fraction of a pixel); a box further out is a wrong box, or pixels, not fractions.
+OVERSHOOT = 0.01
+
+
+def box_region(x0: float, y0: float, x1: float, y1: float, phrase: str, where: str, hint: str) -> Region:
+    """The Region of the box from (x0, y0) (top left) to (x1, y1), fractions of the image; a corner at most OVERSHOOT
+    outside the image is clamped to its edge. DatasetError naming `where` if a corner lies further out (with `hint`,
+    what to do about it) or the box ends before it starts."""
+    if not all(-OVERSHOOT <= value <= 1 + OVERSHOOT for value in (x0, y0, x1, y1)):  # NaN fails too
+        raise DatasetError(f"{where}: reaches outside the image (0..1 on both axes, as fractions of its width and "
+                           f"height): from ({x0:.4g}, {y0:.4g}) to ({x1:.4g}, {y1:.4g}); {hint}")
+    if x1 < x0 or y1 < y0:
+        raise DatasetError(f"{where}: the box ends before it starts ({'x1 < x0' if x1 < x0 else 'y1 < y0'}); "
+                           "give its top-left corner first, then its bottom-right one")
+    x0, y0, x1, y1 = (min(max(value, 0.0), 1.0) for value in (x0, y0, x1, y1))
+    return Region((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0, phrase)
+
+
 @dataclass
 class Entry:
     image_id: str
@@ -35,6 +67,7 @@ class Entry:
     coco_id: int | None = None  # else looked up by the number ending its file name (COCO naming)
     captions: list[str] = field(default_factory=list)
     questions: list[Question] = field(default_factory=list)
+    regions: list[Region] = field(default_factory=list)
 
 
 class RecordStream:
@@ -69,6 +102,7 @@ class RecordStream:
                 "questions": [q.question for q in entry.questions],
                 "answers": [list(q.answers) for q in entry.questions],
                 "question_types": [q.type for q in entry.questions],
+                "regions": [asdict(region) for region in entry.regions],
             }
 
 
@@ -98,6 +132,13 @@ def integer(value: Any, where: str, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise DatasetError(f"{where}: {name} must be a non-negative integer, got {value!r}")
     return value
+
+
+def number(value: Any, where: str, name: str) -> float:
+    """`value` as a float if it is a finite JSON number, else DatasetError naming `where` and `name`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise DatasetError(f"{where}: {name} must be a number, got {value!r}")
+    return float(value)
 
 
 def require(record: Any, key: str, where: str) -> Any:

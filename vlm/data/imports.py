@@ -6,7 +6,11 @@
   files join them by COCO id, so an image's captions and questions share one row. Questions about images that
   are not in the split's caption files are left out (counted in the log). With Karpathy's split, list the
   val2014 VQAv2 files for val and test, and both train2014 and val2014 for train (restval is val2014 images).
-- jsonl: each split's manifests, concatenated (vlm.data.jsonl_manifest).
+- jsonl: each split's manifests, concatenated (vlm.data.jsonl_manifest); a line may give its objects' boxes.
+
+With coco, coco+vqav2 and vqav2, the objects of the split's COCO instances files (`data.coco.instances`, optional)
+join the split's images by COCO id as their `regions`; how many images of each file are in the split is logged
+(none: the file is listed for the wrong split, or the captions are a subset).
 
 Annotations are read whole (text only); images are read one at a time by `vlm.data.entry.RecordStream`.
 An image id may appear only once per split, and no image of `train` may appear in `val` or `test`.
@@ -22,9 +26,9 @@ from pathlib import Path
 from vlm.artifacts import SPLITS
 from vlm.config import DataConfig, SplitFiles
 from vlm.data.checks import SplitSummary, summarize
-from vlm.data.coco import ALL_SPLITS, read_captions
+from vlm.data.coco import ALL_SPLITS, read_captions, read_instances
 from vlm.data.dataset_io import DatasetError
-from vlm.data.entry import Entry, Question
+from vlm.data.entry import Entry, Question, Region
 from vlm.data.image_files import ImageFolder
 from vlm.data.jsonl_manifest import read_manifest
 from vlm.data.vqav2 import read_questions, vqa_entries
@@ -35,6 +39,7 @@ def import_entries(config: DataConfig) -> dict[str, list[Entry]]:
     # Several splits may list one file (Karpathy's serves all three; val2014 questions may serve train, val and
     # test): each is read once per import.
     read_coco, read_vqa = functools.cache(read_captions), functools.cache(read_questions)
+    read_objects = functools.cache(read_instances)
     if config.source == "jsonl":
         splits = {split: [e for path in _paths(config.jsonl, split) for e in read_manifest(path)] for split in SPLITS}
     elif config.source == "coco":
@@ -49,6 +54,9 @@ def import_entries(config: DataConfig) -> dict[str, list[Entry]]:
                   for split, entries in _coco(config, read_coco).items()}
     else:
         raise ValueError(f"data.source {config.source!r} is not an import")
+    if config.source != "jsonl":
+        splits = {split: _with_regions(entries, _paths(config.coco.instances, split), read_objects, split)
+                  for split, entries in splits.items()}
     for split, entries in splits.items():
         splits[split] = _with_text(entries, split)
         if not splits[split]:
@@ -96,6 +104,24 @@ def _with_questions(entries: list[Entry], vqa: list[tuple[Path, dict[int, list[Q
         print(f"data {split}: {len(by_image)} VQAv2 images are not in this split's caption files; their "
               f"{sum(map(len, by_image.values()))} questions are left out")
     return entries
+
+
+def _with_regions(entries: list[Entry], paths: list[Path], read_objects: Callable[[Path], dict[int, list[Region]]],
+                  split: str) -> list[Entry]:
+    """New entries with the objects of `paths` (COCO instances files) about their images added, by COCO id."""
+    if not paths:
+        return entries
+    ids = {entry.coco_id for entry in entries}
+    by_image: dict[int, list[Region]] = {}
+    for path in paths:
+        objects = read_objects(path)
+        found = ids & objects.keys()
+        print(f"data {split}: {len(found)} of the {len(objects)} images with objects in {path} are in this split"
+              + ("" if found else f"; is the file listed for the right split (param data.coco.instances.{split})?"))
+        for image_id in found:
+            by_image.setdefault(image_id, []).extend(objects[image_id])
+    return [replace(entry, regions=entry.regions + by_image[entry.coco_id]) if entry.coco_id in by_image else entry
+            for entry in entries]
 
 
 def _with_text(entries: list[Entry], split: str) -> list[Entry]:

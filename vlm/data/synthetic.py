@@ -406,7 +406,8 @@ def scene_record(scene: Scene, rng: np.random.Generator, image_id: str, image_si
         "questions": [qa.question for qa in questions],
         "answers": [[qa.answer] for qa in questions],
         "question_types": [qa.question_type for qa in questions],
-        "regions": [{"x": obj.x, "y": obj.y, "phrase": obj.full_name} for obj in scene.objects],
+        "regions": [{"x": obj.x, "y": obj.y, "w": obj.extent, "h": obj.extent, "phrase": obj.full_name}
+                    for obj in scene.objects],  # boxes: each object's bounding square
     }
 
 

@@ -5,9 +5,10 @@ After the grid alignment (vlm/train/align.py, `target: grid`) the slots of a gri
 word whose LLM embedding has the largest dot product with it, among the words the slots were aligned to name: how
 the alignment scores a slot, and how `EmptyCellRule` decides that a cell is empty.
 
-On data with regions (the synthetic scenes) this scores every slot against the scene. Nearly all wrong answers to
-non-spatial questions come from images with a misnamed slot (README, "Narrower cells"), so the VQA accuracy is
-also given for the two groups of images: `vqa_accuracy_slots_right` and `vqa_accuracy_slot_misnamed`.
+On data with regions (the synthetic scenes, imports with boxes) this scores every slot against the scene. Nearly
+all wrong answers to non-spatial questions come from images with a misnamed slot (README, "Narrower cells"), so
+the VQA accuracy is also given for the two groups of images: `vqa_accuracy_slots_right` and
+`vqa_accuracy_slot_misnamed`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def reads_grid_slots(model: VisionLanguageModel) -> bool:
 def slots_right(model: VisionLanguageModel, embeddings: Embeddings, regions: dict[str, list[dict]],
                 batch_size: int = 64) -> dict[str, torch.Tensor]:
     """image id -> [S] bool, for each of the image's S slots with a grid target (a phrase longer than its cell's
-    slots leaves some free), True where the slot names it; for every image of `regions` (objects: x, y, phrase)."""
+    slots leaves some free), True where the slot names it; for every image of `regions` (boxes: x, y, w, h,
+    phrase)."""
     if not reads_grid_slots(model):
         raise ValueError("slot accuracy needs a model whose slots name grid cells (train_vlm.align.target: grid, "
                          "with train_vlm.grid.drop_empty_cells: true)")

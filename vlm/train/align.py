@@ -62,8 +62,9 @@ def grid_targets(tokenizer, regions: dict[str, list[dict]], num_slots: int, grid
     """image id -> per slot, a token of the phrase of the object in the slot's grid cell (see
     vlm/models/spatial_prior.py): the cell's k slots name the phrase's first k tokens ("small red circle"), and
     `empty_ids` (the grid's empty phrase) for an empty cell. The slots left over (they look at the image's centre)
-    name the number of objects ("3"; a number of several tokens is spelt over them in turn). Of two objects in one
-    cell, the later wins."""
+    name the number of objects ("3"; a number of several tokens is spelt over them in turn). Of several objects in
+    one cell (by centre), the largest box (w * h) names it, the later of equal ones: a photo's cell is mostly its
+    largest object."""
     if not grid:
         raise ValueError("train_vlm.align.target 'grid' needs train_vlm.grid.size > 0 (the queries' cells)")
     cells, per_cell = query_cells(num_slots, grid), queries_per_cell(num_slots, grid)
@@ -71,7 +72,13 @@ def grid_targets(tokenizer, regions: dict[str, list[dict]], num_slots: int, grid
     first_spare = len(cells) - cells.count(None)  # the spare queries come last
     targets = {}
     for image_id, objects in regions.items():
-        words = {region_cell(o["x"], o["y"], grid): phrase_ids(tokenizer, o["phrase"]) for o in objects}
+        largest: dict[int, dict] = {}
+        for o in objects:
+            cell = region_cell(o["x"], o["y"], grid)
+            if cell not in largest or o["w"] * o["h"] >= largest[cell]["w"] * largest[cell]["h"]:
+                largest[cell] = o
+        words = {cell: phrase_ids(tokenizer, o["phrase"])
+                 for cell, o in largest.items()}
         count = tokenizer(str(len(objects)), add_special_tokens=False)["input_ids"]
         slots = []
         for slot, cell in enumerate(cells):
@@ -86,7 +93,7 @@ def grid_targets(tokenizer, regions: dict[str, list[dict]], num_slots: int, grid
 
 
 def image_regions(dataset_path: Path) -> dict[str, list[dict]]:
-    """image id -> its regions ({x, y, phrase}); images without any are left out."""
+    """image id -> its regions ({x, y, w, h, phrase}: boxes, vlm.data.dataset_io); images without any are left out."""
     rows = read_split(dataset_path, columns=["image_id", "regions"]).to_pylist()
     return {row["image_id"]: row["regions"] for row in rows if row["regions"]}
 
@@ -156,7 +163,8 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
         if not targets:
             raise ValueError(f"train_vlm.align.target 'grid': no training image of {dataset_path} has both regions "
                              "and an embedding; use train_vlm.align.target: caption with train_vlm.grid.size: 0 "
-                             "(`vlm recipe own-data`), or give the images regions (README, \"Your own data\")")
+                             "(`vlm recipe own-data`), or give the images regions (data.coco.instances, a JSONL "
+                             "manifest's `regions`)")
     else:
         captions = reference_captions(dataset_path, align.caption)
         captions = {i: captions[i] for i in available(embeddings, captions)}
