@@ -102,3 +102,17 @@ def test_unexpected_errors_keep_their_traceback() -> None:
     except ValueError as exc:
         assert not is_user_error(exc)
         assert "Traceback" in failure_report("data", exc)
+
+
+def test_the_projects_own_errors_are_one_line_unless_a_traceback_is_asked_for(tmp_path: Path) -> None:
+    from vlm.config import load_params
+
+    try:
+        load_params(tmp_path / "params.yaml")
+    except ValueError as exc:
+        assert is_user_error(exc)
+        assert failure_report("weights", exc) == (f"stage weights failed: {tmp_path / 'params.yaml'}: params file "
+                                                  "not found (run from the repository root)\n")
+        with_trace = failure_report("weights", exc, traceback_wanted=True)
+    assert with_trace.startswith("Traceback") and "vlm/config.py" in with_trace
+    assert with_trace.rstrip().splitlines()[-1].startswith("stage weights failed: ParamsError: ")

@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         torchrun(["--standalone", f"--nproc_per_node={nproc}", *argv])
     except ChildFailedError as exc:  # each process printed its own `stage ... failed:` line (vlm/stage_main.py)
-        ranks = ", ".join(f"{rank} (exit code {failure.exitcode})" for rank, failure in sorted(exc.failures.items()))
+        # The first process to fail stops the others (SIGTERM, a negative exit code): name the ones that failed.
+        failed = {rank: f for rank, f in exc.failures.items() if f.exitcode > 0} or exc.failures
+        ranks = ", ".join(f"{rank} (exit code {failure.exitcode})" for rank, failure in sorted(failed.items()))
         raise SystemExit(f"stage {Path(argv[0]).stem} failed in process {ranks} of {nproc}; "
                          "its message is above") from None
 
