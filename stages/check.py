@@ -8,6 +8,7 @@ only to run after this stage (it changes only when the data does).
 from vlm.artifacts import DATASET_DIR, METRICS_DIR, SPLITS, write_json
 from vlm.config import load_params
 from vlm.data.checks import check_params, raise_on_fatal, summarize_split, summary_metrics
+from vlm.stage_main import run_stage
 
 
 def main() -> None:
@@ -20,4 +21,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

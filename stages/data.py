@@ -11,6 +11,7 @@ from vlm.data.dataset_io import count_split, write_split
 from vlm.data.entry import RecordStream
 from vlm.data.imports import import_entries
 from vlm.data.synthetic import generate_splits
+from vlm.stage_main import run_stage
 
 
 def main() -> None:
@@ -40,4 +41,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -18,6 +18,7 @@ from vlm.artifacts import (
 from vlm.config import load_params
 from vlm.data.embed import embed_blank, embed_split, remove_all_but
 from vlm.models.backbone import VisionBackbone
+from vlm.stage_main import run_stage
 
 
 def main() -> None:
@@ -43,4 +44,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

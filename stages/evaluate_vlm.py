@@ -24,6 +24,7 @@ from vlm.data.embeddings import expected_metadata, load_embeddings, made_like
 from vlm.eval.gallery import gallery_ids, read_images, write_gallery
 from vlm.eval.run import evaluate
 from vlm.models.vlm import VisionLanguageModel
+from vlm.stage_main import run_stage
 from vlm.train.align import image_regions
 from vlm.train.stage2 import load_tasks
 
@@ -47,4 +48,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -16,6 +16,7 @@ from vlm.config import load_params
 from vlm.data.embeddings import expected_metadata, gather, load_embeddings
 from vlm.eval.retrieval import retrieval_metrics
 from vlm.precision import effective_precision
+from vlm.stage_main import run_stage
 from vlm.train.stage1 import image_texts, train_qformer
 
 
@@ -52,4 +53,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -21,6 +21,7 @@ from vlm.weights.wheels import sha256_of
 from vlm.data.embeddings import expected_metadata, load_embeddings
 from vlm.models.vlm import VisionLanguageModel
 from vlm.precision import effective_precision
+from vlm.stage_main import run_stage
 from vlm.train.align import align_queries
 from vlm.train.stage2 import train_vlm
 
@@ -55,4 +56,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -6,6 +6,7 @@ hub ids, local folders and open_clip names are resolved only when params name th
 
 from vlm.artifacts import BASE_MODELS_DIR, write_json
 from vlm.config import load_params
+from vlm.stage_main import run_stage
 from vlm.weights.sources import materialise
 
 
@@ -20,4 +21,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

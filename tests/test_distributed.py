@@ -46,7 +46,8 @@ def run_worker(stage: str, work: Path, log_dir: Path, nproc: int) -> None:
     if nproc > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                    *command[1:]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    python_path = os.pathsep.join([str(WORKER.parents[1]), str(WORKER.parent)])  # this checkout's vlm, then tests/
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 

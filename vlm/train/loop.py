@@ -9,7 +9,8 @@ NaN guard, checkpoints and resume, the progress bar and per-step DVCLive logging
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -57,44 +58,45 @@ def train(parameters: list[torch.nn.Parameter] | list[dict], step_losses: StepLo
     step = resumed.step if resumed else 0
     history: list[dict[str, float]] = list(resumed.history) if resumed else []  # logged values, one dict per step
     main = distributed.is_main()
-    live = _open_live(log_dir) if main else None
-    smoothed: dict[str, float] = {}
-    for values in history:  # replay: curves and smoothed values as if the run had never stopped
-        _log(live, values, smoothed)
-    progress = tqdm(total=total_steps, initial=step, desc=description, unit="step", disable=not main)
-    batches = iter(batches)
-    for _ in range(step):  # fast-forward the (deterministic) data to where the checkpoint stopped
-        next(batches, None)
-    for batch in batches:
-        if step >= total_steps:
-            break
-        with autocast(config.precision), attention_kernels(config.precision):
-            losses = step_losses(batch)
-        # Means over ranks, reduced once: they are both what gets logged and what the NaN guard checks.
-        values = {f"train/{name}": float(distributed.all_reduce_mean(value)) for name, value in losses.items()}
-        if not math.isfinite(values["train/loss"]):
-            kept = f"; the last good checkpoint is {checkpointer.path}" if checkpointer and checkpointer.path.exists() \
-                else ""
-            raise NonFiniteLossError(f"{description}: loss is not finite at step {step}; lower the learning rate "
-                                     f"or check the inputs (no update was applied for this step{kept})")
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        distributed.average_gradients(parameters)
-        torch.nn.utils.clip_grad_norm_(parameters, max_norm=1.0)
-        optimizer.step()
-        schedule.step()
-        values["train/lr"] = schedule.get_last_lr()[0]
-        history.append(values)
-        _log(live, values, smoothed)
-        step += 1
-        progress.update()
-        if step % config.log_every == 0:
-            progress.set_postfix({k.removeprefix("train/"): f"{v:.3f}" for k, v in smoothed.items() if k != "train/lr"})
-        if checkpointer is not None and checkpointer.due(step) and step < total_steps:
-            checkpointer.save(step, optimizer, schedule, history)
-    progress.close()
-    if live is not None:
-        live.end()
+    with _live_log(log_dir if main else None) as live:
+        smoothed: dict[str, float] = {}
+        for values in history:  # replay: curves and smoothed values as if the run had never stopped
+            _log(live, values, smoothed)
+        progress = tqdm(total=total_steps, initial=step, desc=description, unit="step", disable=not main)
+        batches = iter(batches)
+        for _ in range(step):  # fast-forward the (deterministic) data to where the checkpoint stopped
+            next(batches, None)
+        for batch in batches:
+            if step >= total_steps:
+                break
+            with autocast(config.precision), attention_kernels(config.precision):
+                losses = step_losses(batch)
+            # Means over ranks, reduced once: they are both what gets logged and what the NaN guard checks.
+            values = {f"train/{name}": float(distributed.all_reduce_mean(value)) for name, value in losses.items()}
+            if not math.isfinite(values["train/loss"]):
+                saved = checkpointer is not None and checkpointer.path.exists()
+                kept = f"; the last good checkpoint is {checkpointer.path}" if saved else ""
+                raise NonFiniteLossError(f"{description}: loss is not finite at step {step}; lower the learning rate "
+                                         f"or check the inputs (no update was applied for this step{kept})")
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            distributed.average_gradients(parameters)
+            torch.nn.utils.clip_grad_norm_(parameters, max_norm=1.0)
+            optimizer.step()
+            schedule.step()
+            values["train/lr"] = schedule.get_last_lr()[0]
+            history.append(values)
+            _log(live, values, smoothed)
+            step += 1
+            progress.update()
+            if step % config.log_every == 0:
+                progress.set_postfix({k.removeprefix("train/"): f"{v:.3f}" for k, v in smoothed.items()
+                                      if k != "train/lr"})
+            if checkpointer is not None and checkpointer.due(step) and step < total_steps:
+                checkpointer.save(step, optimizer, schedule, history)
+        progress.close()
+        if live is not None:
+            live.end()
     if step < total_steps:
         raise RuntimeError(f"{description}: the data ran out after {step} of {total_steps} steps")
     if checkpointer is not None:
@@ -112,10 +114,27 @@ def _log(live, values: dict[str, float], smoothed: dict[str, float]) -> None:
         live.next_step()
 
 
-def _open_live(log_dir: Path | None):
+@contextmanager
+def _live_log(log_dir: Path | None) -> Iterator:
+    """A DVCLive logger writing to `log_dir` (None: no logging), and the DVC repository it opened closed after,
+    however training ends.
+
+    DVCLive opens the project's DVC repository, whose git backend (dulwich, through scmrepo) keeps the pack files
+    open, and neither `Live.end()` nor anything else closes it. When a stage then fails, the traceback keeps the
+    repository alive until the interpreter shuts down, and dulwich's `__del__` warnings about unclosed packs fail
+    there ("Exception ignored ... ImportError: sys.meta_path is None"), a screen of tracebacks after the stage's
+    own error. Closing it here releases the packs while Python still runs.
+    """
     if log_dir is None:
-        return None
+        yield None
+        return
     from dvclive import Live  # imported lazily: it is slow to import and unit tests do not need it
 
     # dvcyaml=False: dvc.yaml is ours and declares the plots; save_dvc_exp=False: `dvc exp run` tracks the run.
-    return Live(str(log_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+    live = Live(str(log_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+    try:
+        yield live
+    finally:
+        repo = getattr(live, "_dvc_repo", None)  # None outside a DVC repository
+        if repo is not None:
+            repo.close()

@@ -1,0 +1,1 @@
+"""Helper scripts run by hand or by make (python -m tools.NAME); the pipeline never imports them."""
