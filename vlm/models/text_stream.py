@@ -48,7 +48,7 @@ class TextStream:
         if cut is not None:
             self.stopped = True
             return self._send(text[:cut].rstrip())
-        return self._send(text[:len(text) - self._held_back(text)])
+        return self._send(self._safe(text))
 
     def finish(self) -> str:
         """The reply ended (end-of-turn or length): the text still held back, less trailing whitespace."""
@@ -76,13 +76,13 @@ class TextStream:
         found = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
         return min(found) if found else None
 
-    def _held_back(self, text: str) -> int:
-        """How many characters at the end of `text` must wait: the longest end that begins a stop string, and
-        trailing whitespace."""
-        held = len(text) - len(text.rstrip())
+    def _safe(self, text: str) -> str:
+        """`text` less what must wait: the longest end that could begin a stop string, and the whitespace before
+        it (a reply cut at a stop string is stripped)."""
+        held = 0
         for stop in self.stop:
             for size in range(min(len(stop) - 1, len(text)), held, -1):
                 if text.endswith(stop[:size]):
                     held = size
                     break
-        return held
+        return text[:len(text) - held].rstrip()
