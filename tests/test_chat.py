@@ -161,8 +161,9 @@ def test_sampling_is_reproducible_with_a_seed(assistant: Assistant, pictures) ->
     assert texts[1] == greedy and texts[0] == sampled(temperature=2.0, seed=1)
 
 
-@pytest.mark.parametrize(("settings", "match"), [({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"),
-                                                 ({"top_p": 0}, "top_p"), ({"stop": ("",)}, "stop")])
+@pytest.mark.parametrize(("settings", "match"), [
+    ({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
+    ({"stop": ("",)}, "stop")])
 def test_bad_sampling_settings_are_refused(settings: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Sampling(**settings)
@@ -244,7 +245,7 @@ def test_chat_command_keeps_history_and_obeys_commands(assistant: Assistant, pic
     pictures[1].save(second)
     monkeypatch.setattr(cli, "_assistant", lambda params_file, model_dir: assistant)
     lines = [QUESTIONS[0], QUESTIONS[1], "/reset", QUESTIONS[1], f"/image {second}", QUESTIONS[2],
-             "/image missing.png", "/bogus", "/quit", "never read"]
+             "red " * 300, "/image missing.png", "/bogus", "/quit", "never read"]
     result = CliRunner().invoke(cli.app, ["chat", str(first), "--max-tokens", "5"], input="\n".join(lines) + "\n")
     assert result.exit_code == 0, result.output
     sampling = Sampling(max_tokens=5)
@@ -257,6 +258,7 @@ def test_chat_command_keeps_history_and_obeys_commands(assistant: Assistant, pic
     replies = [line.removeprefix("> ") for line in result.output.splitlines() if line.startswith("> ")]
     assert replies[:4] == [one, two, "(conversation forgotten)", fresh]
     assert replies[4].startswith("(new image") and replies[5] == other
+    assert "over the LLM's context" in result.output and "/reset starts over" in result.output
     assert "missing.png: no such image file" in result.output
     assert "unknown command '/bogus'" in result.output
     assert "never read" not in result.output

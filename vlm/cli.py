@@ -80,7 +80,7 @@ def chat(image: Path = typer.Argument(..., help="image file to talk about"),
          params_file: Path = ParamsOption, model_dir: Path = ModelOption) -> None:
     """Chat about an image in the terminal: each line read is a user turn, answered with the conversation so far.
     Commands: /image PATH, /reset, /quit. Reads standard input, so a file of lines can be piped in."""
-    from vlm.messages import Conversation, MessageError
+    from vlm.messages import ContextError, Conversation, MessageError
     from vlm.models.sampling import Sampling
 
     try:
@@ -123,7 +123,10 @@ def chat(image: Path = typer.Argument(..., help="image file to talk about"),
             conversation, dropped = assistant.fit(Conversation(None, picture, (*turns, (text, None))), max_tokens)
             pieces = assistant.chat_stream(conversation, sampling)
         except MessageError as error:
-            typer.echo(f"error: {error}", err=True)
+            hint = ""
+            if isinstance(error, ContextError):
+                hint = " (/reset starts over; --drop-oldest forgets old turns instead)"
+            typer.echo(f"error: {error}{hint}", err=True)
             continue
         if dropped:
             turns = turns[dropped:]
