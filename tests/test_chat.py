@@ -17,6 +17,8 @@ import pytest
 import torch
 from test_export import PARAMS, build_sources, images
 from tiny_qformer import single_torch_thread  # noqa: F401 (autouse fixture)
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 from vlm import cli
@@ -232,6 +234,30 @@ def test_text_stream_waits_for_whole_characters_and_possible_stop_strings() -> N
     assert "".join(pieces) == "ab EN cd"
     pieces, _ = stream("  hi there  \n")
     assert "".join(pieces) == "hi there"  # stripped like generate's replies, nothing taken back
+
+
+def test_text_stream_with_a_byte_level_bpe_tokenizer() -> None:
+    """SmolLM2's kind of tokenizer: characters split over byte tokens come out whole, and the pieces add up to
+    decoding the whole reply."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    backend.train_from_iterator(["a red circle left of a blue square", "héllo wörld"], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    ids = tokenizer(" Café au lait: 日本語 ok, naïve 👍 end")["input_ids"]
+    text_stream = TextStream(tokenizer, stop=["👍"])
+    pieces = []
+    for token in ids:
+        pieces.append(text_stream.push(token))
+        if text_stream.stopped:
+            break
+    assert "".join(pieces) == "Café au lait: 日本語 ok, naïve"
+    assert " 日" in pieces and not any("\ufffd" in piece for piece in pieces)
+    text_stream = TextStream(tokenizer)
+    pieces = [text_stream.push(token) for token in ids] + [text_stream.finish()]
+    assert "".join(pieces) == tokenizer.decode(ids).strip()
 
 
 def test_delta_defaults() -> None:

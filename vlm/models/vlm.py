@@ -327,6 +327,7 @@ class VisionLanguageModel(nn.Module):
             )
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
+    @torch.inference_mode()
     def decode_steps(self, image_embeds: torch.Tensor, prompts: Sequence[tuple[Sequence[int], Example]],
                      max_new_tokens: int | Sequence[int], pick: TokenPicker = argmax, stop: torch.Tensor | None = None,
                      seen: Sequence[bool] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
