@@ -162,7 +162,7 @@ class Assistant:
                     "fewer max_tokens")
             raise ContextError(f"the prompt takes {tokens} tokens and the reply may take {max_tokens}: "
                                f"{tokens + max_tokens} in all, over the LLM's context of {context} tokens"
-                               f"{f' (with only the last turn left)' if dropped else ''}; {hint}",
+                               + (" (with only the last turn left)" if dropped else "") + f"; {hint}",
                                tokens, max_tokens, context)
         low, high = 0, last  # fits(high), not fits(low): fewer turns, fewer tokens
         while high - low > 1:
