@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from vlm import cli
 from vlm.assistant import Assistant
 from vlm.messages import ContextError, Conversation, MessageError
+from vlm.models.prompt import IGNORE_INDEX
 from vlm.models.sampling import Sampling
 from vlm.models.text_stream import Delta, TextStream
 
@@ -196,6 +197,24 @@ def test_context_overflow_is_an_error_or_drops_the_oldest_turns(assistant: Assis
             assistant.fit(long, context)  # the last user turn alone leaves no room for the reply
     finally:
         assistant.drop_oldest = False
+
+
+def test_a_conversation_trains_on_its_replies_only(assistant: Assistant, pictures) -> None:
+    """A conversation packed as one row: the loss is the cross-entropy of its replies (+ end-of-turn) under a
+    plain causal pass over system turn, visual block and all turns."""
+    model = assistant.model
+    turns = [(QUESTIONS[0], "a red circle"), (QUESTIONS[1], "two"), (QUESTIONS[2], "red")]
+    _, example = model.prompt.conversation(turns)
+    embeds = assistant.embed(pictures[:1])
+    with torch.no_grad():
+        loss = model(embeds, [[example]])
+        inputs, layout = model.build_inputs(embeds, [[example]], left_pad=False)
+        logits = model.llm(inputs_embeds=inputs, attention_mask=layout.attention_mask).logits[0, :-1]
+    targets = layout.labels[0, 1:]
+    is_target = targets != IGNORE_INDEX
+    assert is_target.sum() == 3 + 1 + 1 + 1 + 1 + 1  # "a red circle" "two" "red", an end-of-turn after each
+    expected = torch.nn.functional.cross_entropy(logits[is_target], targets[is_target])
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_special_tokens_in_messages_are_refused(assistant: Assistant, pictures) -> None:
