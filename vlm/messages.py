@@ -7,7 +7,7 @@
      {"role": "user", "content": "and its colour?"}]
 
 The model reads one image, as one visual block between the system prompt and the first user turn (README,
-"Prompt layout"), so a conversation holds at most one image, wherever its message put it (a client that sends
+"How it works"), so a conversation holds at most one image, wherever its message put it (a client that sends
 the same image again is fine). Images come as base64 `data:` URLs, as PIL images (`{"type": "image", "image":
 img}`, for library users) or, only when the `ImagePolicy` names an allowed folder, as local files inside it.
 Nothing is fetched from the network. Everything is checked before any model runs.

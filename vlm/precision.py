@@ -1,8 +1,8 @@
 """bf16 where the hardware runs it natively, fp32 elsewhere.
 
 On CPUs without AVX512-BF16/AMX, PyTorch emulates bf16 matmuls and they run hundreds of times slower than
-fp32 (measured on an AMD EPYC without those flags: 0.2 vs 44 GFLOP/s), so `precision: bf16` silently falls back
-to fp32 there instead of making a run unusably slow.
+fp32, so `precision: bf16` silently falls back to fp32 there instead of making a run unusably slow
+(docs/precision.md).
 
 Where bf16 does run on a CPU, PyTorch's fused CPU attention kernel (SDPA's flash attention) is the slow part of a
 training step, in backward most; `attention_kernels` routes SDPA to its plain math kernel there.
@@ -42,6 +42,6 @@ def bf16_on_cpu(precision: str) -> bool:
 
 def attention_kernels(precision: str) -> AbstractContextManager:
     """The SDPA kernels a training forward under `autocast(precision)` should use: on a CPU running bf16, the
-    math kernel (measured, 2 cores with AMX, a train_vlm alignment step of the Q-Former: 0.65 -> 0.44 s); on
-    CUDA, or in fp32 (where the fused kernel is as fast), PyTorch's own choice."""
+    math kernel, which is faster there (docs/experiments/speed.md); on CUDA, or in fp32 (where the fused
+    kernel is as fast), PyTorch's own choice."""
     return sdpa_kernel(SDPBackend.MATH) if bf16_on_cpu(precision) else nullcontext()

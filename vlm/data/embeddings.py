@@ -5,8 +5,8 @@ fixed-size binary value: the [num_tokens, hidden_size] float16 array's little-en
 with `np.frombuffer(value, "<f2").reshape(num_tokens, hidden_size)`). A fixed-size column lets the reader hand
 the whole column to numpy as one contiguous buffer (no per-row Python), so training reads thousands of images in
 milliseconds; as bytes rather than a list of float16, Parquet stores each image as one value instead of
-~50,000, each with its own list levels: a 512-image shard writes in 0.08 ms an image instead of 1-1.4 (README,
-"Embedding store"). The values are not compressed: zstd made them 7% smaller and the write 5x slower. The
+~50,000, each with its own list levels, and writes an order of magnitude faster (docs/experiments/speed.md).
+The values are not compressed: zstd saved little space and slowed the write several times. The
 file's key-value metadata records which backbone, size and preprocessing made it, so a later stage can refuse
 embeddings that do not match its params.
 

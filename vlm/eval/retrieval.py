@@ -6,9 +6,8 @@
    logits: ITC's cosine / temperature (the logit its softmax was trained on) + ITM's log-odds of "match"
    (`rerank_score`). BLIP-2's code adds the raw match logit to the raw cosine, and we first added the match
    probability to the cosine: either way the cosine's spread over the top-k (~0.01) is too small to count, so a
-   half-trained ITM head alone decides. Measured after 186 ITC + ITM steps, test t2i R@1: ITC alone 0.908,
-   logit + cosine 0.793, probability + cosine 0.868, log-odds + cosine / temperature 0.907 (README,
-   "Stage-1 ablation").
+   half-trained ITM head alone decides, and re-ranking then falls below ITC alone; on one scale it does not
+   (docs/experiments/stage1-losses.md).
 
 Recalls are fractions in [0, 1]. Image-to-text counts a hit when ANY caption of the image is within the top K.
 A text matches every image that has it as a caption: the synthetic scenes repeat short captions ("a small red star

@@ -6,7 +6,7 @@ word whose LLM embedding has the largest dot product with it, among the words th
 the alignment scores a slot, and how `EmptyCellRule` decides that a cell is empty.
 
 On data with regions (the synthetic scenes, imports with boxes) this scores every slot against the scene. Nearly
-all wrong answers to non-spatial questions come from images with a misnamed slot (README, "Narrower cells"), so
+all wrong answers to non-spatial questions come from images with a misnamed slot (docs/experiments/grid-width.md), so
 the VQA accuracy is also given for the two groups of images: `vqa_accuracy_slots_right` and
 `vqa_accuracy_slot_misnamed`.
 """

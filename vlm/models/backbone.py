@@ -26,8 +26,8 @@ from transformers import MODEL_MAPPING, AutoConfig, AutoModel
 from vlm.config import as_layers, layer_label
 from vlm.weights.sources import HF_PREPROCESSOR_CONFIG, OPEN_CLIP_CONFIG, SOURCE_RECORD
 
-# Bicubic with antialiasing, as PIL's BICUBIC resize does it, computed by torch's uint8 kernel: ~7x faster (0.09 vs
-# 0.6 ms a 224 px image on 2 cores; PIL's was a sixth of the `embed` stage's time in bf16, BENCHMARKS.md, benchmark 1).
+# Bicubic with antialiasing, as PIL's BICUBIC resize does it, computed by torch's uint8 kernel: several times faster
+# than PIL's, which was a large share of the `embed` stage's time in bf16 (BENCHMARKS.md, benchmark 1).
 # Where both sides shrink, or both grow, every pixel is within one grey level of PIL's and nearly all are equal;
 # where one shrinks and the other grows, the two passes round in another order and noisy images differ by more.
 RESIZE_METHOD = "bicubic-antialias"
@@ -200,7 +200,7 @@ class VisionBackbone(nn.Module):
         its last block's output (DINOv2/ViT `layernorm`, open_clip `ln_post`; CLIP's HF towers have none), as
         DINOv2's `get_intermediate_layers(norm=True)` does. With several blocks, their tokens are concatenated
         along the width ([B, T, D * blocks]): a middle block still knows colours that the last has learnt to
-        ignore, while the later one knows shapes better (README, "Which backbone block"). The pixels move to the
+        ignore, while the later one knows shapes better (docs/experiments/backbone-layer.md). The pixels move to the
         backbone's device (`preprocess` makes them on the CPU), so callers need not."""
         pixel_values = pixel_values.to(next(self.parameters()).device)
         if self.kind == "open_clip":

@@ -1,10 +1,10 @@
 """Cell labels: the LLM reads each grid cell's place in words before that cell's visual tokens.
 
 With the spatial grid (vlm/models/spatial_prior.py) the queries of each cell name the object there, but where the
-cell lies is only the queries' rank in the visual block, and 63 CPU steps of stage 2 did not teach the LLM to
-read an unlabelled grid (the slots named colour right 0.80 of the time, the answers 0.67). With
-`train_vlm.grid.cell_labels` the visual block reads like a list of places and what is there, in the captions'
-own words (measured: colour answers 0.67 -> 0.80, VQA 0.709 -> 0.739; spatial relations stayed at chance):
+cell lies is only the queries' rank in the visual block, and a short CPU stage 2 did not teach the LLM to read
+an unlabelled grid: the answers got colours wrong that the slots named right. With `train_vlm.grid.cell_labels`
+the visual block reads like a list of places and what is there, in the captions' own words
+(docs/experiments/cell-labels.md; spatial relations stayed at chance):
 
     " top left" q q q  " top" q q q  " top right" q q q  " left" q q q ... " bottom right" q q q  " count" q q q q q
 

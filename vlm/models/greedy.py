@@ -3,8 +3,8 @@
 `transformers`' `generate` keeps every row of a batch in each forward pass until the last row ends; finished
 rows decode padding. Captions differ in length (on the default test split about 25 tokens, up to 48 allowed),
 so here a row leaves the batch, and its KV cache, at the step it emits end-of-turn (or reaches its own token
-limit, or its caller ends it: a chat reply that met a stop string). Measured on the default model: the 200 test
-captions took 41 s instead of 55 s, with the same outputs; short VQA answers gain nothing.
+limit, or its caller ends it: a chat reply that met a stop string). Captions decode faster with the same
+outputs (docs/experiments/speed.md); short VQA answers gain nothing.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ and the attention mask makes turn k attend to the shared part (system + visual t
 tokens, never to another turn. Every turn restarts its position ids right after the shared part, so each turn
 is computed exactly as if it were the only one (the single-turn prompt used at inference), while the shared
 part runs once per image instead of once per question. On CPU, where the LLM's forward/backward is the whole
-cost of stage 2, this matters: single-turn batches pad every short VQA row to caption length. Measured on the
-default data (2 cores): 0.20 s per supervised answer packed, 0.31 s in single-turn batches.
+cost of stage 2, this matters: single-turn batches pad every short VQA row to caption length
+(docs/experiments/speed.md).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from vlm.models.prompt import IGNORE_INDEX, Example
 SHARED, PADDING = 0, -1  # segment ids; turns are numbered 1, 2, ...
 
 # Training batches are padded to a multiple of this many tokens. On a CPU, oneDNN builds its matmul kernels for
-# each new shape, and the first call of a shape ran a step ~25% slower than the same step again (2 cores, AMX
-# bf16); with the row length free, nearly every stage-2 step brought new shapes. A multiple of 16 leaves ~10
-# lengths in a run for ~4% more tokens (README, "Precision").
+# each new shape, and the first call of a shape runs slower than its repeats; with the row length free, nearly
+# every stage-2 step brought new shapes. A multiple of 16 leaves a few lengths in a run for a few percent more
+# tokens (docs/experiments/speed.md).
 TRAIN_LENGTH_MULTIPLE = 16
 
 

@@ -4,13 +4,13 @@ from the alignment on; 0 = off, BLIP-2's queries, which all start out looking at
 is part of the Q-Former's saved config (`QFormerConfig.spatial_grid`).
 
 Why: within a CPU run's few hundred steps the Q-Former's cross-attention never learns to read one object's patches
-(README, "Where the colour is lost"), although a linear probe reads each patch's colour (0.97) and its row and
-column (1.00) off the cached tokens. With the bias, query q reads its own region from the first step, so the
+(docs/experiments/spatial-queries.md), although a linear probe reads each patch's colour and its row and
+column off the cached tokens. With the bias, query q reads its own region from the first step, so the
 alignment can ask it to name what lies there (`train_vlm.align.target: grid`). The bias is a Gaussian in patch
 distance, added to the attention logits; the content term (query . key) still decides within the region and can
-reach beyond it. Its sigma is `train_vlm.grid.width` cells (default 0.25: 0.67 patches for 8 x 8
-patches and G = 3). At 0.45 a query saw much of the neighbouring cells, and the slots of nearly half of the test
-images misnamed a cell, mostly at a border (README, "Narrower cells").
+reach beyond it. Its sigma is `train_vlm.grid.width` cells (0.25: 0.67 patches for 8 x 8 patches and
+G = 3). A wider look sees much of the neighbouring cells, and the slots then misname cells at their borders
+(docs/experiments/grid-width.md).
 
 Queries are dealt out cell by cell, row-major: with 32 queries and G = 3, queries 3c, 3c+1, 3c+2 belong to cell c
 (one per word of "size colour shape"), and the 5 left over (32 - 27) get the image centre; the grid alignment has

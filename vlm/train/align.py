@@ -1,7 +1,7 @@
 """Query alignment, between stage 1 and stage 2: make the visual tokens look like words before the LLM reads them.
 
-Stage 1 leaves the Q-Former's queries nearly identical to one another (on the default data the spread of the
-query outputs of an image fell from 0.54 at initialisation to 0.006), so the LLM receives one vector repeated,
+Stage 1 leaves the Q-Former's queries nearly identical to one another (docs/experiments/qformer-frozen-in-stage2.md),
+so the LLM receives one vector repeated,
 and stage 2 is far too short on a CPU to undo that through the LLM. Here the Q-Former and the new projector
 train, with no LLM pass at all, so that visual token k, read through the LLM's input embedding matrix E, is the
 k-th token of its target: with `align.target: caption` (BLIP-2's plain queries, any data with captions) one of
@@ -17,7 +17,7 @@ own embedding of that word lies, in scale too. Slots beyond the caption's length
 a Q-Former forward/backward over the queries only, so a few hundred steps cost minutes on a CPU.
 
 The pretrained Q-Former trains at its own, lower rate (`align.qformer_lr`): at the new projector's rate it never
-gets past the slot prior (the most frequent words; docs/experiments). It trains without its dropout
+gets past the slot prior (the most frequent words; docs/experiments/alignment-rate.md). It trains without its dropout
 (`align.dropout`): a few hundred steps underfit rather than overfit.
 """
 

@@ -15,9 +15,8 @@ duration of training:
 - on a CPU, the LLM attends with transformers' eager attention instead of SDPA, whose fused CPU kernel is slow
   in bf16, in backward most. On CUDA SDPA stays.
 
-Measured on 2 cores with AMX bf16 (the default stage-2 batches, 5 rounds each, same process): 2.1-2.4 s a step
-before, 1.1-1.6 s with all three; the norms in bf16 as well, 1.29 against 1.56 s (forward and backward, 6 rounds
-alternating). In fp32 nothing here applies (eager and SDPA ran equally fast there).
+Each of the three shortens a bf16 stage-2 step on a CPU (docs/experiments/speed.md). In fp32 nothing here
+applies (eager and SDPA ran equally fast there).
 On exit the fp32 weights, the cast and the attention come back as they were, so the model then generates as
 before training.
 """

@@ -48,8 +48,8 @@ def train(parameters: list[torch.nn.Parameter] | list[dict], step_losses: StepLo
     every rank applies the same update) and the logged losses are means over ranks. With a `checkpointer`, the
     run resumes from its last checkpoint and saves one every `checkpointer.every` steps.
     """
-    # fused: one kernel over all parameters instead of a loop of small ops per parameter (measured on 2 CPU cores,
-    # the Q-Former's 32.7M parameters: 170 -> 38 ms per step)
+    # fused: one kernel over all parameters instead of a loop of small ops per parameter, several times faster
+    # on a CPU (docs/experiments/speed.md)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     parameters = [p for group in optimizer.param_groups for p in group["params"]]  # flat, for clipping
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total_steps))

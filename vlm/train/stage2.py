@@ -110,7 +110,7 @@ def train_vlm(model: VisionLanguageModel, embeddings: Embeddings, dataset_path: 
     model.to(distributed.device()).train()
     if config.qformer_lr == 0:
         # Frozen Q-Former (the default): with a short stage 2, training it let the LLM's loss wash the image out of
-        # its queries (measured: VQA 0.36 -> 0.41 and CIDEr 0.48 -> 1.10 frozen, same steps; see README).
+        # its queries (docs/experiments/qformer-frozen-in-stage2.md).
         # Frozen means eval mode too (as BLIP-2 does with its frozen ViT): its dropout would feed the LLM noisier
         # visual tokens in training than it ever sees in evaluation, and cost time.
         model.qformer.requires_grad_(False).eval()
