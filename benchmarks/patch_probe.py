@@ -11,7 +11,7 @@ on the patches of the first 75% of the images and scored on the rest: all patche
 This is the upper end of the chain that the pooled probes of `benchmarks.layer_probe` start: what a Q-Former's
 cross-attention could read if it attended to the right patch. Measured on the default features (blocks 4 + 8,
 112 px, 800 images): 0.973 of the held-out object patches, 0.994 of all patches. What the visual tokens make of
-it is in the README ("Where the colour is lost").
+it is in docs/experiments/spatial-queries.md ("Where the colour is lost").
 """
 
 from __future__ import annotations
