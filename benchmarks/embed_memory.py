@@ -28,7 +28,7 @@ DEFAULT_N = 64
 
 def child(dataset: str, out_dir: str, vision: str, image_size: str) -> None:
     """Embed one split and print the peak RSS in MiB (Linux reports ru_maxrss in KiB)."""
-    from vlm.data.embed import embed_split
+    from vlm.embed import embed_split
     from vlm.models.backbone import VisionBackbone
 
     backbone = VisionBackbone.from_folder(Path(vision), image_size=int(image_size))

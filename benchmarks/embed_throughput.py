@@ -1,6 +1,6 @@
 """1. Embedding: does the `embed` stage run at the backbone's speed?
 
-images/s of the stage's path, `vlm.data.embed.embed_split` (Parquet read, PNG decode, resize and normalise,
+images/s of the stage's path, `vlm.embed.embed_split` (Parquet read, PNG decode, resize and normalise,
 forward, fp16 Parquet write, shard bookkeeping) ÷ images/s of the bare backbone forward over the same images,
 preprocessed beforehand into the same batches. Goal ≥ 0.9: all that surrounds the forward costs at most a tenth.
 

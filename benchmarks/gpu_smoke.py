@@ -27,7 +27,7 @@ def child(case: str, work: Path, precision: str) -> dict:
     import torch
 
     from vlm import distributed
-    from vlm.data.embed import embed_split
+    from vlm.embed import embed_split
     from vlm.data.embeddings import load_embeddings
     from vlm.models.backbone import VisionBackbone
 

@@ -76,7 +76,7 @@ class Workspace:
 
     def embed(self, out_dir: Path) -> None:
         """The `embed` stage's path over `dataset`, with the stage's params."""
-        from vlm.data.embed import embed_split
+        from vlm.embed import embed_split
 
         backbone = self.params.backbone
         embed_split(self.backbone, self.dataset, out_dir, batch_size=backbone.batch_size,

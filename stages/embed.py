@@ -2,7 +2,7 @@
 Also embeds one blank image (the backbone's mean colour) for the blind baseline of `evaluate`.
 
 Run through `python -m vlm.launch` (VLM_NPROC=N for N processes). A rerun keeps the shards that are complete and
-still match (see vlm/data/embed.py), so an interrupted run resumes where it stopped.
+still match (see vlm/embed.py), so an interrupted run resumes where it stopped.
 """
 
 from vlm import distributed
@@ -16,7 +16,7 @@ from vlm.artifacts import (
     write_json,
 )
 from vlm.config import load_params
-from vlm.data.embed import embed_blank, embed_split, remove_all_but
+from vlm.embed import embed_blank, embed_split, remove_all_but
 from vlm.models.backbone import VisionBackbone
 from vlm.stage_main import run_stage
 

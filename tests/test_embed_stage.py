@@ -24,7 +24,7 @@ from tiny_qformer import single_torch_thread  # noqa: F401 (autouse fixture)
 
 from vlm.config import BackboneConfig
 from vlm.data.dataset_io import DATASET_SCHEMA, DatasetError, write_split
-from vlm.data.embed import embed_split, plan_shards
+from vlm.embed import embed_split, plan_shards
 from vlm.data.embeddings import (
     EmbeddingStoreError,
     expected_metadata,
@@ -230,7 +230,7 @@ from pathlib import Path
 from pixel_backbone import PixelBackbone
 
 from vlm import distributed
-from vlm.data.embed import embed_split
+from vlm.embed import embed_split
 
 distributed.init()
 summary = embed_split(PixelBackbone(), Path(sys.argv[1]), Path(sys.argv[2]), batch_size=2, precision="fp32",

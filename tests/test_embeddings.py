@@ -13,7 +13,7 @@ from tiny_models import VISION_IMAGE_SIZE, VISION_WIDTH, tiny_vision
 from tiny_qformer import single_torch_thread  # noqa: F401 (autouse fixture)
 
 from vlm.data.dataset_io import decode_image, write_split
-from vlm.data.embed import embed_split
+from vlm.embed import embed_split
 from vlm.data.embeddings import (
     EmbeddingStoreError,
     EmbeddingWriter,
