@@ -2,8 +2,9 @@
 
 Every source (the synthetic scenes, and later COCO captions, VQAv2 and JSONL imports) lands in the same
 layout so that embedding, training and evaluation code never needs to know where the data came from:
-one Parquet file per split, one row per image, with all of the image's captions and question/answer
-pairs. Images are kept as the original encoded PNG/JPEG bytes (not decoded pixels) because that is
+one Parquet file per split, one row per image, with all of the image's captions, question/answer pairs and
+multi-turn conversations (LLaVA-style: each a list of user/assistant exchanges about the image; a caption or a
+single question is a one-turn conversation too, but stays in its own column, where evaluation scores it). Images are kept as the original encoded PNG/JPEG bytes (not decoded pixels) because that is
 ~10x smaller and lets each consumer resize however its backbone wants.
 
 Writing streams row groups through a ParquetWriter, so a split of any size needs only one row group
@@ -23,6 +24,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+# One exchange of a conversation: what the user says and what the assistant replies.
+CONVERSATION_TURN = pa.struct([("user", pa.string()), ("assistant", pa.string())])
+TEXT_COLUMNS = ("captions", "questions", "conversations")  # a row with none of these teaches nothing
+
 DATASET_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
@@ -39,10 +44,14 @@ DATASET_SCHEMA = pa.schema(
         # `train_vlm.align.target: grid` reads it.
         pa.field("regions", pa.list_(pa.struct([("x", pa.float64()), ("y", pa.float64()), ("phrase", pa.string())])),
                  nullable=False),
+        # Multi-turn conversations about the image (LLaVA's, or a datasets column): an image may have several,
+        # each a list of exchanges in order; stage 2 trains every reply with the earlier exchanges in context.
+        pa.field("conversations", pa.list_(pa.list_(CONVERSATION_TURN)), nullable=False),
     ]
 )
 COLUMNS: tuple[str, ...] = tuple(DATASET_SCHEMA.names)
-OPTIONAL_COLUMNS: dict[str, Any] = {"regions": []}  # a record may leave these out; they are written empty
+# A record may leave these out; they are written empty.
+OPTIONAL_COLUMNS: dict[str, Any] = {"regions": [], "conversations": []}
 
 # File signatures of the accepted encodings; checking them at write time is cheap and turns a
 # confusing decode failure deep inside training into an error at import time.
@@ -150,6 +159,18 @@ def validate_record(record: Mapping[str, Any]) -> None:
                 and isinstance(region["phrase"], str) and region["phrase"]):
             raise fail(f"regions[{index}]",
                        f"must be {{'x': 0..1, 'y': 0..1, 'phrase': non-empty text}}, got {region!r}")
+    conversations = record.get("conversations", [])
+    if not isinstance(conversations, list | tuple):
+        raise fail("conversations", f"must be a list of conversations, got {type(conversations).__name__}")
+    for index, conversation in enumerate(conversations):
+        if not isinstance(conversation, list | tuple) or not conversation:
+            raise fail(f"conversations[{index}]", f"must be a non-empty list of {{'user', 'assistant'}} exchanges, "
+                                                  f"got {conversation!r}")
+        for turn_index, turn in enumerate(conversation):
+            if not (isinstance(turn, Mapping) and set(turn) == {"user", "assistant"}
+                    and all(isinstance(turn[key], str) and turn[key].strip() for key in ("user", "assistant"))):
+                raise fail(f"conversations[{index}][{turn_index}]",
+                           f"must be {{'user': non-empty text, 'assistant': non-empty text}}, got {turn!r}")
 
 
 def _check_string_list(values: Any, fail: Callable[[str, str], DatasetError], field: str) -> None:
@@ -176,11 +197,16 @@ def iter_split(
 
 
 def count_split(path: Path) -> dict[str, int]:
-    """How many images, captions and questions a split holds (reads only the text columns)."""
-    table = read_split(path, columns=["captions", "questions"])
-    return {"images": table.num_rows,
-            "captions": int(pc.sum(pc.list_value_length(table["captions"])).as_py() or 0),
-            "questions": int(pc.sum(pc.list_value_length(table["questions"])).as_py() or 0)}
+    """How many images, captions, questions, conversations and conversation turns (user/assistant exchanges) a
+    split holds (reads only the text columns)."""
+    table = read_split(path, columns=list(TEXT_COLUMNS))
+
+    def total(values: pa.ChunkedArray) -> int:
+        return int(pc.sum(pc.list_value_length(values)).as_py() or 0)
+
+    return {"images": table.num_rows, "captions": total(table["captions"]), "questions": total(table["questions"]),
+            "conversations": total(table["conversations"]),
+            "turns": total(pc.list_flatten(table["conversations"]))}
 
 
 def read_metadata(path: Path) -> dict[str, str]:

@@ -7,6 +7,8 @@
   are not in the split's caption files are left out (counted in the log). With Karpathy's split, list the
   val2014 VQAv2 files for val and test, and both train2014 and val2014 for train (restval is val2014 images).
 - jsonl: each split's manifests, concatenated (vlm.data.jsonl_manifest).
+- llava: each split's LLaVA conversation files (vlm.data.llava); an image's records join one row.
+- hf: each split's Hugging Face `datasets` folders or Parquet files, columns mapped by params (vlm.data.hf_datasets).
 
 Annotations are read whole (text only); images are read one at a time by `vlm.data.entry.RecordStream`.
 An image id may appear only once per split, and no image of `train` may appear in `val` or `test`.
@@ -24,8 +26,10 @@ from vlm.config import DataConfig, SplitFiles
 from vlm.data.coco import ALL_SPLITS, read_captions
 from vlm.data.dataset_io import DatasetError
 from vlm.data.entry import Entry, Question
+from vlm.data.hf_datasets import read_hf
 from vlm.data.image_files import ImageFolder
 from vlm.data.jsonl_manifest import read_manifest
+from vlm.data.llava import read_llava
 from vlm.data.vqav2 import read_questions, vqa_entries
 
 
@@ -36,6 +40,11 @@ def import_entries(config: DataConfig) -> dict[str, list[Entry]]:
     read_coco, read_vqa = functools.cache(read_captions), functools.cache(read_questions)
     if config.source == "jsonl":
         splits = {split: [e for path in _paths(config.jsonl, split) for e in read_manifest(path)] for split in SPLITS}
+    elif config.source == "llava":
+        folder = ImageFolder(Path(config.llava.images))
+        splits = {split: read_llava(_paths(config.llava, split), folder, split) for split in SPLITS}
+    elif config.source == "hf":
+        splits = {split: read_hf(_paths(config.hf, split), split, config.hf) for split in SPLITS}
     elif config.source == "coco":
         splits = _coco(config, read_coco)
     elif config.source == "vqav2":
@@ -60,7 +69,7 @@ def import_entries(config: DataConfig) -> dict[str, list[Entry]]:
 
 # The param whose files decide which images a split holds, by source.
 _SPLIT_KEYS = {"jsonl": "data.jsonl", "coco": "data.coco.captions", "coco+vqav2": "data.coco.captions",
-               "vqav2": "data.vqav2.questions"}
+               "vqav2": "data.vqav2.questions", "llava": "data.llava", "hf": "data.hf"}
 
 
 def _paths(files: SplitFiles, split: str) -> list[Path]:
@@ -98,10 +107,11 @@ def _with_questions(entries: list[Entry], vqa: list[tuple[Path, dict[int, list[Q
 
 
 def _with_text(entries: list[Entry], split: str) -> list[Entry]:
-    """Entries with at least one caption or question: an image without text teaches nothing."""
-    kept = [entry for entry in entries if entry.captions or entry.questions]
+    """Entries with at least one caption, question or conversation: an image without text teaches nothing."""
+    kept = [entry for entry in entries if entry.has_text]
     if len(kept) < len(entries):
-        print(f"data {split}: left out {len(entries) - len(kept)} images without captions or questions")
+        print(f"data {split}: left out {len(entries) - len(kept)} images without captions, questions or "
+              "conversations")
     return kept
 
 
