@@ -209,6 +209,16 @@ def count_split(path: Path) -> dict[str, int]:
             "turns": total(pc.list_flatten(table["conversations"]))}
 
 
+def image_texts(path: Path) -> tuple[list[str], list[list[str]]]:
+    """(image ids, texts that describe each image) of a split: its captions, or for an image without any, the
+    first reply of each of its conversations (the reply to the turn that shows the image: in LLaVA's caption data,
+    LCS-558K, that reply is the caption). What stage 1 pairs with an image and the caption alignment spells."""
+    table = read_split(path, columns=["image_id", "captions", "conversations"])
+    texts = [captions or [conversation[0]["assistant"] for conversation in conversations]
+             for captions, conversations in zip(table["captions"].to_pylist(), table["conversations"].to_pylist())]
+    return table["image_id"].to_pylist(), texts
+
+
 def read_metadata(path: Path) -> dict[str, str]:
     """The key-value metadata that `write_split` stored in the file."""
     raw = _open_split(path, None).schema_arrow.metadata or {}

@@ -11,7 +11,7 @@ import torch
 
 from vlm import distributed
 from vlm.config import QFormerConfig, QFormerTrainConfig
-from vlm.data.dataset_io import read_split
+from vlm.data.dataset_io import image_texts
 from vlm.data.embeddings import Embeddings, available, gather
 from vlm.losses import stage1_losses
 from vlm.models.qformer import QFormer
@@ -20,9 +20,9 @@ from vlm.train.loop import train
 
 
 def caption_table(dataset_path: Path) -> tuple[list[str], list[list[str]]]:
-    """(image ids, captions per image) of a split, read without the image bytes."""
-    table = read_split(dataset_path, columns=["image_id", "captions"])
-    return table.column("image_id").to_pylist(), table.column("captions").to_pylist()
+    """(image ids, captions per image) of a split, read without the image bytes; an image without captions has the
+    first replies of its conversations in their place (`vlm.data.dataset_io.image_texts`)."""
+    return image_texts(dataset_path)
 
 
 def caption_batches(embeddings: Embeddings, image_ids: list[str], captions: list[list[str]], qformer: QFormer,
@@ -38,7 +38,8 @@ def caption_batches(embeddings: Embeddings, image_ids: list[str], captions: list
     counts = torch.tensor([len(c) for c in captions])
     if (counts == 0).any():
         missing = image_ids[int((counts == 0).nonzero()[0])]
-        raise ValueError(f"image {missing!r} has no caption; stage 1 trains on image-caption pairs")
+        raise ValueError(f"image {missing!r} has no caption (nor a conversation); stage 1 trains on image-caption "
+                         "pairs")
     tokens = qformer.tokenizer(flat, padding="max_length", truncation=True, max_length=qformer.config.max_text_len,
                                return_tensors="pt")
     generator = torch.Generator().manual_seed(seed)
