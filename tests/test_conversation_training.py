@@ -19,7 +19,7 @@ from vlm.data.synthetic import generate_records
 from vlm.models.packing import PADDING, SHARED, turn_attention_mask
 from vlm.models.prompt import IGNORE_INDEX
 from vlm.models.vlm import VisionLanguageModel
-from vlm.train.stage2 import Conversation, conversation_batches, load_conversations, load_tasks
+from vlm.train.stage2 import ConversationTask, conversation_batches, load_conversations, load_tasks
 
 CHAT = (("what color is the triangle?", "blue"), ("how many objects are there?", "there are three objects."))
 ONLY_CHAT = (("what shape is the blue object?", "a triangle."),)
@@ -53,7 +53,8 @@ def reply_words(model: VisionLanguageModel, reply: str) -> list[str]:
 
 
 def test_load_conversations_reads_each_in_order(split: Path) -> None:
-    assert load_conversations(split) == [Conversation("train-000000", CHAT), Conversation("chat-only", ONLY_CHAT)]
+    assert load_conversations(split) == [ConversationTask("train-000000", CHAT),
+                                         ConversationTask("chat-only", ONLY_CHAT)]
 
 
 def test_a_real_packed_row_trains_the_replies_only_and_a_reply_sees_its_conversation_so_far(model, split) -> None:
@@ -75,8 +76,9 @@ def test_a_real_packed_row_trains_the_replies_only_and_a_reply_sees_its_conversa
     for row, image_id in enumerate(order):
         ids, labels, segments = layout.ids[row], layout.labels[row], layout.segments[row]
         # No target on the system turn, the visual block or padding; a target is the token at its place.
-        assert (labels[segments == SHARED] == IGNORE_INDEX).all() and not layout.is_visual[row][labels != -100].any()
+        assert (labels[segments == SHARED] == IGNORE_INDEX).all()
         assert (labels[segments == PADDING] == IGNORE_INDEX).all()
+        assert not layout.is_visual[row][labels != IGNORE_INDEX].any()
         assert torch.equal(labels[labels != IGNORE_INDEX], ids[labels != IGNORE_INDEX])
         kinds = []
         for segment in range(1, int(segments.max()) + 1):
@@ -87,7 +89,8 @@ def test_a_real_packed_row_trains_the_replies_only_and_a_reply_sees_its_conversa
             # The targets' runs: the replies, each with its end-of-turn; everything else (user turns, role headers,
             # the template's newlines) is prompt.
             starts = is_target & ~torch.nn.functional.pad(is_target[:-1], (1, 0), value=False)
-            runs = [words(model, ids[where][is_target & (starts.cumsum(0) == n)]) for n in range(1, int(starts.sum()) + 1)]
+            runs = [words(model, ids[where][is_target & (starts.cumsum(0) == n)])
+                    for n in range(1, int(starts.sum()) + 1)]
             prompt_words = words(model, ids[where][~is_target])
             if len(runs) == 1 and tuple(runs[0]) in captions:
                 kinds.append("caption")
@@ -123,7 +126,8 @@ def test_a_conversation_scores_as_alone_beside_other_segments_and_with_its_earli
         turns_alone = model(image, [[model.prompt.example(user, reply) for user, reply in CHAT]])
     conversation_tokens = sum(label != IGNORE_INDEX for label in conversation.labels)
     question_tokens = len(question.answer_ids)
-    expected = (alone * conversation_tokens + question_alone * question_tokens) / (conversation_tokens + question_tokens)
+    total_tokens = conversation_tokens + question_tokens
+    expected = (alone * conversation_tokens + question_alone * question_tokens) / total_tokens
     torch.testing.assert_close(beside, expected, atol=1e-5, rtol=1e-5)
     assert abs(float(turns_alone - alone)) > 1e-4, "the second reply should see the first exchange"
 

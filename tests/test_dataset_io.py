@@ -16,7 +16,7 @@ from vlm.data.dataset_io import (
     DatasetError,
     count_split,
     decode_image,
-    image_texts,
+    captions_or_replies,
     iter_split,
     read_metadata,
     read_split,
@@ -149,7 +149,7 @@ def test_counts_include_conversations_and_their_turns(tmp_path: Path) -> None:
 def test_image_texts_are_captions_or_else_the_first_replies_of_conversations(tmp_path: Path) -> None:
     path = tmp_path / "train.parquet"
     write_split([make_record(i) for i in range(4)], path)
-    image_ids, texts = image_texts(path)
+    image_ids, texts = captions_or_replies(path)
     assert image_ids == ["img-0", "img-1", "img-2", "img-3"]
     assert texts == [[], ["caption 1 a", "caption 1 b"], ["caption 2 a", "caption 2 b"], ["a cat.", "picture 3."]]
 

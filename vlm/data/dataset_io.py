@@ -4,8 +4,9 @@ Every source (the synthetic scenes, and later COCO captions, VQAv2 and JSONL imp
 layout so that embedding, training and evaluation code never needs to know where the data came from:
 one Parquet file per split, one row per image, with all of the image's captions, question/answer pairs and
 multi-turn conversations (LLaVA-style: each a list of user/assistant exchanges about the image; a caption or a
-single question is a one-turn conversation too, but stays in its own column, where evaluation scores it). Images are kept as the original encoded PNG/JPEG bytes (not decoded pixels) because that is
-~10x smaller and lets each consumer resize however its backbone wants.
+single question is a one-turn conversation too, but stays in its own column, where evaluation scores it).
+Images are kept as the original encoded PNG/JPEG bytes (not decoded pixels) because that is ~10x smaller and
+lets each consumer resize however its backbone wants.
 
 Writing streams row groups through a ParquetWriter, so a split of any size needs only one row group
 in memory, and it is atomic: the file appears under its final name only once it is complete.
@@ -209,7 +210,7 @@ def count_split(path: Path) -> dict[str, int]:
             "turns": total(pc.list_flatten(table["conversations"]))}
 
 
-def image_texts(path: Path) -> tuple[list[str], list[list[str]]]:
+def captions_or_replies(path: Path) -> tuple[list[str], list[list[str]]]:
     """(image ids, texts that describe each image) of a split: its captions, or for an image without any, the
     first reply of each of its conversations (the reply to the turn that shows the image: in LLaVA's caption data,
     LCS-558K, that reply is the caption). What stage 1 pairs with an image and the caption alignment spells."""

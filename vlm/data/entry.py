@@ -1,8 +1,8 @@
 """One imported image before its bytes are read: its text, where its file is, and where the record came from.
 
-Importers (coco, vqav2, jsonl_manifest, llava, hf_datasets) turn annotation files into Entries, which hold only text, so a whole
-split's annotations fit in memory while its images do not have to: a RecordStream reads one image at a time
-and yields dataset rows (vlm.data.dataset_io) for `write_split` to stream into Parquet.
+Importers (coco, vqav2, jsonl_manifest, llava, hf_datasets) turn annotation files into Entries, which hold only
+text, so a whole split's annotations fit in memory while its images do not have to: a RecordStream reads one
+image at a time and yields dataset rows (vlm.data.dataset_io) for `write_split` to stream into Parquet.
 """
 
 from __future__ import annotations

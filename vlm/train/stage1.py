@@ -11,7 +11,7 @@ import torch
 
 from vlm import distributed
 from vlm.config import QFormerConfig, QFormerTrainConfig
-from vlm.data.dataset_io import image_texts
+from vlm.data.dataset_io import captions_or_replies
 from vlm.data.embeddings import Embeddings, available, gather
 from vlm.losses import stage1_losses
 from vlm.models.qformer import QFormer
@@ -21,8 +21,8 @@ from vlm.train.loop import train
 
 def caption_table(dataset_path: Path) -> tuple[list[str], list[list[str]]]:
     """(image ids, captions per image) of a split, read without the image bytes; an image without captions has the
-    first replies of its conversations in their place (`vlm.data.dataset_io.image_texts`)."""
-    return image_texts(dataset_path)
+    first replies of its conversations in their place (`vlm.data.dataset_io.captions_or_replies`)."""
+    return captions_or_replies(dataset_path)
 
 
 def caption_batches(embeddings: Embeddings, image_ids: list[str], captions: list[list[str]], qformer: QFormer,

@@ -55,7 +55,7 @@ def load_tasks(dataset_path: Path, llm: LLMConfig) -> tuple[list[Task], list[Tas
 
 
 @dataclass(frozen=True)
-class Conversation:
+class ConversationTask:
     """A multi-turn conversation about one image: (user, assistant) turns in order (the dataset's `conversations`)."""
 
     image_id: str
@@ -66,14 +66,14 @@ class Conversation:
         return len(self.turns)
 
 
-def load_conversations(dataset_path: Path) -> list[Conversation]:
+def load_conversations(dataset_path: Path) -> list[ConversationTask]:
     """Every conversation of a split, image by image, in order."""
     table = read_split(dataset_path, columns=["image_id", "conversations"])
-    return [Conversation(row["image_id"], tuple((turn["user"], turn["assistant"]) for turn in conversation))
+    return [ConversationTask(row["image_id"], tuple((turn["user"], turn["assistant"]) for turn in conversation))
             for row in table.to_pylist() for conversation in row["conversations"]]
 
 
-ImageItem = TypeVar("ImageItem", Task, Conversation)
+ImageItem = TypeVar("ImageItem", Task, ConversationTask)
 
 
 def with_embeddings(embeddings: Embeddings, tasks: Sequence[ImageItem]) -> list[ImageItem]:
@@ -106,7 +106,7 @@ POOL_BATCHES = 16
 
 
 def conversation_batches(embeddings: Embeddings, tasks: list[Task], prompt: ChatPrompt, batch_size: int,
-                         seed: int, conversations: Sequence[Conversation] = ()
+                         seed: int, conversations: Sequence[ConversationTask] = ()
                          ) -> Iterator[tuple[torch.Tensor, list[list[Example]]]]:
     """Endless shuffled batches of `batch_size` images, each with all its caption and VQA turns and its
     conversations; the images of a batch have about as many turn tokens (`POOL_BATCHES`), and the batches come in
