@@ -19,7 +19,8 @@ from vlm.data.synthetic import generate_records
 from vlm.models.packing import PADDING, SHARED, turn_attention_mask
 from vlm.models.prompt import IGNORE_INDEX
 from vlm.models.vlm import VisionLanguageModel
-from vlm.train.stage2 import ConversationTask, conversation_batches, load_conversations, load_tasks
+from vlm.train.stage2 import (ConversationTask, conversation_batches, load_conversations, load_tasks,
+                              tokenised)
 
 CHAT = (("what color is the triangle?", "blue"), ("how many objects are there?", "there are three objects."))
 ONLY_CHAT = (("what shape is the blue object?", "a triangle."),)
@@ -62,7 +63,7 @@ def test_a_real_packed_row_trains_the_replies_only_and_a_reply_sees_its_conversa
     conversations = load_conversations(split)
     image_ids = ["train-000000", "train-000001", "chat-only"]
     batches = conversation_batches(indexed_embeddings(image_ids), caption_tasks + vqa_tasks, model.prompt,
-                                   batch_size=3, seed=0, conversations=conversations)
+                                   batch_size=3, seed=0, conversations=tokenised(conversations, model.prompt))
     images, rows = next(batches)
     order = [image_ids[int(image[0, 0])] for image in images]
     with torch.no_grad():
@@ -146,3 +147,9 @@ def test_turn_average_weighs_each_reply_of_a_conversation_as_one_turn(model) -> 
     # The first reply sees the same tokens in both conversations, so its mean is first_mean.
     second_mean = (both_mean * (first_tokens + second_tokens) - first_mean * first_tokens) / second_tokens
     torch.testing.assert_close(turn_mean, (first_mean + second_mean + question_mean) / 3, atol=1e-5, rtol=1e-5)
+
+
+def test_a_conversation_longer_than_the_context_is_refused_with_its_text(model) -> None:
+    _, long = model.prompt.conversation([("what color is the triangle?", "blue")] * 30)  # > 256 positions
+    with pytest.raises(ValueError, match=r"context of 256 tokens; .*conversation\): 'user what color is the"):
+        model.check_context([model.prompt.example("is there a triangle?", "yes"), long])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -253,21 +253,24 @@ class VisionLanguageModel(nn.Module):
         return embeds, layout
 
     def _check_context(self, rows: Sequence[Sequence[Example]], batch: int) -> None:
-        """Every turn must fit the LLM's context after the shared part (turns restart their positions there)."""
         if len(rows) != batch:
             raise ValueError(f"{len(rows)} rows of turns for {batch} images; give one row per image")
+        self.check_context(turn for turns in rows for turn in turns)
+
+    def check_context(self, examples: Iterable[Example]) -> None:
+        """Every turn (or conversation) must fit the LLM's context after the shared part (each restarts its
+        positions there); ValueError with the text of the first that does not."""
         context = getattr(self.base_llm.config, "max_position_embeddings", None)
         if context is None:
             return
         shared = self.num_shared_tokens
-        for turns in rows:
-            for turn in turns:
-                length = shared + turn.num_tokens
-                if length > context:
-                    text = self.tokenizer.decode(turn.user_ids, skip_special_tokens=True).strip()
-                    raise ValueError(f"a prompt of {length} tokens (system prompt + visual tokens: {shared}) exceeds "
-                                     f"the LLM's context of {context} tokens; shorten this question or answer: "
-                                     f"{text[:80]!r}...")
+        for turn in examples:
+            length = shared + turn.num_tokens
+            if length > context:
+                text = self.tokenizer.decode(turn.user_ids, skip_special_tokens=True).strip()
+                raise ValueError(f"a prompt of {length} tokens (system prompt + visual tokens: {shared}) exceeds "
+                                 f"the LLM's context of {context} tokens; shorten this question or answer (or "
+                                 f"conversation): {text[:80]!r}...")
 
     def forward(self, image_embeds: torch.Tensor, rows: Sequence[Sequence[Example]], average: str = "token"
                 ) -> torch.Tensor:

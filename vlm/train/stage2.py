@@ -105,17 +105,20 @@ def image_conversations(tasks: list[Task], prompt: ChatPrompt, rng: random.Rando
 POOL_BATCHES = 16
 
 
+def tokenised(conversations: Sequence[ConversationTask], prompt: ChatPrompt) -> list[tuple[str, Example]]:
+    """(image id, Example) of each conversation: its tokens are the same every epoch, so they are made once."""
+    return [(conversation.image_id, prompt.conversation(conversation.turns)[1]) for conversation in conversations]
+
+
 def conversation_batches(embeddings: Embeddings, tasks: list[Task], prompt: ChatPrompt, batch_size: int,
-                         seed: int, conversations: Sequence[ConversationTask] = ()
+                         seed: int, conversations: Sequence[tuple[str, Example]] = ()
                          ) -> Iterator[tuple[torch.Tensor, list[list[Example]]]]:
     """Endless shuffled batches of `batch_size` images, each with all its caption and VQA turns and its
-    conversations; the images of a batch have about as many turn tokens (`POOL_BATCHES`), and the batches come in
-    random order."""
+    conversations (`tokenised`); the images of a batch have about as many turn tokens (`POOL_BATCHES`), and the
+    batches come in random order."""
     rng = random.Random(seed)
-    # A conversation's tokens are the same every epoch: tokenised once.
-    dialogues = [(conversation.image_id, prompt.conversation(conversation.turns)[1]) for conversation in conversations]
     while True:
-        rows = image_conversations(tasks, prompt, rng, dialogues)
+        rows = image_conversations(tasks, prompt, rng, conversations)
         rng.shuffle(rows)
         chunks = []
         pool_size = batch_size * POOL_BATCHES
@@ -144,7 +147,9 @@ def train_vlm(model: VisionLanguageModel, embeddings: Embeddings, dataset_path: 
                          "question or conversation to learn from")
     batch_size = min(config.batch_size, images)
     steps = max(1, math.ceil(config.epochs * images / batch_size))
-    batches = conversation_batches(embeddings, tasks, model.prompt, batch_size, config.seed, conversations)
+    dialogues = tokenised(conversations, model.prompt)
+    model.check_context(example for _, example in dialogues)  # now, not at the step that meets a long one
+    batches = conversation_batches(embeddings, tasks, model.prompt, batch_size, config.seed, dialogues)
     model.to(distributed.device()).train()
     if config.qformer_lr == 0:
         # Frozen Q-Former (the default): with a short stage 2, training it let the LLM's loss wash the image out of
