@@ -365,7 +365,8 @@ class VLMTrainConfig(TrainConfig):
     warmup_steps: int = 5
     log_every: int = 5
     # "token": every answer token weighs the same (a 40-token caption outweighs a one-word answer 20 to 1);
-    # "turn": each turn's tokens are averaged first, so every caption and every answer weighs the same.
+    # "turn": each turn's tokens are averaged first, so every caption, every answer and every reply of a
+    # conversation weighs the same.
     loss_average: Literal["token", "turn"] = "turn"
     align: AlignConfig = field(default_factory=AlignConfig)
 
