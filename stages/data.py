@@ -1,8 +1,8 @@
 """DVC stage `data`: the dataset splits as Parquet (images as bytes beside their text), generated or imported.
 
-`data.source` picks synthetic scenes or an import of COCO captions, VQAv2, both, or JSONL manifests from
-data/raw (see vlm/data/imports.py). metrics/data.json counts images, captions, questions, regions (object boxes)
-and skipped images.
+`data.source` picks synthetic scenes or an import of COCO captions, VQAv2, both, JSONL manifests, LLaVA
+conversations or Hugging Face datasets from data/raw (see vlm/data/imports.py). metrics/data.json counts images,
+captions, questions, regions (object boxes), conversations, their turns and skipped images.
 """
 
 from vlm.artifacts import DATASET_DIR, METRICS_DIR, write_json
@@ -36,7 +36,8 @@ def main() -> None:
         found = count_split(DATASET_DIR / f"{split}.parquet")
         summary.update({f"{split}_{key}": value for key, value in found.items()} | {f"{split}_skipped": skipped})
         print(f"data: {split}: {found['images']} images, {found['captions']} captions, {found['questions']} "
-              f"questions, {found['regions']} regions, {skipped} skipped -> {DATASET_DIR / f'{split}.parquet'}")
+              f"questions, {found['regions']} regions, {found['conversations']} conversations ({found['turns']} "
+              f"turns), {skipped} skipped -> {DATASET_DIR / f'{split}.parquet'}")
     write_json(METRICS_DIR / "data.json", summary)
 
 

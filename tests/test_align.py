@@ -151,7 +151,13 @@ def test_reference_captions_picks_the_asked_caption_or_the_last(tmp_path: Path) 
     records = list(generate_records(seed=3, num_images=3, image_size=32, id_prefix="train"))
     records[1]["captions"] = records[1]["captions"][:1]  # an image with a single caption
     records[2]["captions"] = []  # and one without (e.g. a VQA-only import): left out
+    # and one with conversations only (LLaVA): their first replies stand in for captions
+    chat = [[{"user": "describe it.", "assistant": "a red circle."}, {"user": "sure?", "assistant": "yes."}],
+            [{"user": "what is it?", "assistant": "a circle."}]]
+    records.append({**records[2], "image_id": "chat", "questions": [], "answers": [], "question_types": [],
+                    "conversations": chat})
     write_split(records, tmp_path / "train.parquet")
     second = reference_captions(tmp_path / "train.parquet", 1)
-    assert second == {"train-000000": records[0]["captions"][1], "train-000001": records[1]["captions"][0]}
+    assert second == {"train-000000": records[0]["captions"][1], "train-000001": records[1]["captions"][0],
+                      "chat": "a circle."}
     assert reference_captions(tmp_path / "train.parquet")["train-000000"] == records[0]["captions"][0]

@@ -118,7 +118,7 @@ def test_data_source_lists_the_importers(tmp_path: Path) -> None:
         load_params(write_params(tmp_path, {"data": {"source": "imagenet"}}))
     message = str(error.value)
     assert "data.source" in message
-    for allowed in ("synthetic", "coco", "vqav2", "coco+vqav2", "jsonl"):
+    for allowed in ("synthetic", "coco", "vqav2", "coco+vqav2", "jsonl", "llava", "hf"):
         assert allowed in message
 
 
@@ -134,6 +134,12 @@ def test_data_source_lists_the_importers(tmp_path: Path) -> None:
                                                  "test": ["data/raw/q.json"]},
                                    "annotations": {"train": ["data/raw/a.json"], "val": ["data/raw/a.json"],
                                                    "test": []}}}, r"data\.vqav2\.annotations\.test"),
+    ({"source": "llava", "llava": {"images": "/data/llava/images"}}, r"data\.llava\.images"),
+    ({"source": "llava", "llava": {"val": []}}, r"data\.llava\.val is empty"),
+    ({"source": "hf", "hf": {"test": ["../hf/test"]}}, r"data\.hf\.test\[0\]"),
+    ({"hf": {"question_column": "question"}}, r"data\.hf\.question_column and data\.hf\.answer_column"),
+    ({"hf": {"caption_column": None}}, r"data\.hf: set at least one of caption_column"),
+    ({"hf": {"image_column": None}}, r"data\.hf\.image_column"),
     ({"max_images": {"train": -1}}, r"data\.max_images\.train"),
     ({"resize": 8}, r"data\.resize"),
 ])
@@ -143,5 +149,5 @@ def test_import_params_are_checked_naming_the_key(tmp_path: Path, overrides: dic
 
 
 def test_the_default_import_paths_are_valid_for_every_source(tmp_path: Path) -> None:
-    for source in ("coco", "vqav2", "coco+vqav2", "jsonl"):
+    for source in ("coco", "vqav2", "coco+vqav2", "jsonl", "llava", "hf"):
         assert load_params(write_params(tmp_path, {"data": {"source": source}})).data.source == source

@@ -14,7 +14,9 @@ from vlm.data.dataset_io import (
     COLUMNS,
     DATASET_SCHEMA,
     DatasetError,
+    count_split,
     decode_image,
+    captions_or_replies,
     iter_split,
     read_metadata,
     read_split,
@@ -38,6 +40,10 @@ def make_record(index: int, **overrides: object) -> dict:
         "answers": [["yes"] * 10, ["a cat", "cat", f"answer {index}"]],
         "question_types": ["yes/no", "what"],
         "regions": [{"x": 0.25, "y": 0.5, "w": 0.5, "h": 0.2, "phrase": f"object {index}"}] if index % 2 else [],
+        # LLaVA-style: several conversations about one image, each with its exchanges in order
+        "conversations": [[{"user": f"what is in image {index}?", "assistant": "a cat."},
+                           {"user": "what color is it?", "assistant": "grey, with white paws."}],
+                          [{"user": "describe it.", "assistant": f"picture {index}."}]] if index % 2 else [],
     }
     record.update(overrides)
     return record
@@ -110,6 +116,11 @@ def test_empty_split_is_refused_and_not_written(tmp_path: Path) -> None:
         ({"image": b"GIF89a not supported"}, "image"),
         ({"image": b""}, "image"),
         ({"extra_column": 1}, "extra_column"),
+        ({"conversations": [[]]}, "conversations[0]"),
+        ({"conversations": [{"user": "hi", "assistant": "hello"}]}, "conversations[0]"),  # not nested in a list
+        ({"conversations": [[{"user": "hi", "assistant": "hello"}, {"user": "and?", "assistant": " "}]]},
+         "conversations[0][1]"),
+        ({"conversations": [[{"user": "hi", "assistant": "hello", "from": "gpt"}]]}, "conversations[0][0]"),
     ],
 )
 def test_bad_record_error_names_image_and_field(tmp_path: Path, overrides: dict, field: str) -> None:
@@ -119,6 +130,29 @@ def test_bad_record_error_names_image_and_field(tmp_path: Path, overrides: dict,
     assert "'img-1'" in str(error.value)
     assert repr(field) in str(error.value)
     assert not path.exists()
+
+
+def test_optional_columns_may_be_left_out_and_are_written_empty(tmp_path: Path) -> None:
+    record = make_record(0)
+    del record["regions"], record["conversations"]
+    write_split([record], tmp_path / "a.parquet")
+    row = read_split(tmp_path / "a.parquet").to_pylist()[0]
+    assert (row["regions"], row["conversations"]) == ([], [])
+
+
+def test_counts_include_conversations_and_their_turns(tmp_path: Path) -> None:
+    path = tmp_path / "train.parquet"
+    write_split([make_record(i) for i in range(4)], path)  # images 1 and 3: 2 conversations of 2 + 1 turns each
+    assert count_split(path) == {"images": 4, "captions": 4, "questions": 8, "regions": 2, "conversations": 4,
+                                 "turns": 6}
+
+
+def test_image_texts_are_captions_or_else_the_first_replies_of_conversations(tmp_path: Path) -> None:
+    path = tmp_path / "train.parquet"
+    write_split([make_record(i) for i in range(4)], path)
+    image_ids, texts = captions_or_replies(path)
+    assert image_ids == ["img-0", "img-1", "img-2", "img-3"]
+    assert texts == [[], ["caption 1 a", "caption 1 b"], ["caption 2 a", "caption 2 b"], ["a cat.", "picture 3."]]
 
 
 def test_missing_field_and_duplicate_id_are_reported(tmp_path: Path) -> None:

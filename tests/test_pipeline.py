@@ -8,6 +8,7 @@ and that the stages hand each other files they can read.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline_repo import commit_all, make_tiny_repo, run, set_params, stages_run
+from PIL import Image
+from pipeline_repo import commit_all, init_pipeline_repo, make_tiny_repo, run, set_params, stages_run
 from tiny_qformer import single_torch_thread  # noqa: F401 (autouse fixture)
 
 
@@ -142,3 +144,101 @@ def test_experiment_run_and_metrics_diff(repo: Path) -> None:
     first = plots["plots/gallery/test-000000.png"]
     assert {revision for entry in first for revision in entry["revisions"]} == {"HEAD", "workspace"}
 
+
+# --------------------------------------------------------------------------- conversation sources, end to end
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
+SPLIT_SIZES = {"train": 4, "val": 1, "test": 2}
+
+
+def llava_dataset(raw: Path) -> dict[str, object]:
+    """LLaVA files (train as a JSON list, val and test as JSONL) of conversations about tiny coloured squares, and
+    a text-only record; the data params that read them."""
+    folder = raw / "llava"
+    for split, count in SPLIT_SIZES.items():
+        records = [{"id": f"chat-{split}", "conversations": [{"from": "human", "value": "is there a square?"},
+                                                             {"from": "gpt", "value": "no"}]}]
+        for index in range(count):
+            name, rgb = list(COLORS.items())[index % len(COLORS)]
+            image = f"{split}-{index}.png"  # relative to data.llava.images
+            (folder / "images").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (40 + index, 32), rgb).save(folder / "images" / image)
+            records.append({"id": f"{split}-{index}", "image": image, "conversations": [
+                {"from": "human", "value": "<image>\nwhat color is the square?"}, {"from": "gpt", "value": name},
+                {"from": "human", "value": "describe the image."}, {"from": "gpt", "value": f"a {name} square."}]})
+        text = json.dumps(records) if split == "train" else "".join(json.dumps(r) + "\n" for r in records)
+        (folder / f"{split}.{'json' if split == 'train' else 'jsonl'}").write_text(text)
+    return {"source": "llava", "llava": {"images": "data/raw/llava/images", **{
+        split: [f"data/raw/llava/{split}.{'json' if split == 'train' else 'jsonl'}"] for split in SPLIT_SIZES}}}
+
+
+def hf_dataset(raw: Path) -> dict[str, object]:
+    """Hugging Face datasets with an Image feature: train saved with save_to_disk, val and test as Parquet; a
+    question and a LLaVA-style conversation a row, and captions (but in test); the data params that read them."""
+    import datasets
+
+    features = datasets.Features({
+        "image": datasets.Image(), "captions": datasets.List(datasets.Value("string")),
+        "question": datasets.Value("string"), "answer": datasets.Value("string"),
+        "messages": datasets.List({"from": datasets.Value("string"), "value": datasets.Value("string")})})
+    paths = {}
+    for split, count in SPLIT_SIZES.items():
+        rows = {name: [] for name in features}
+        for index in range(count):
+            name, rgb = list(COLORS.items())[index % len(COLORS)]
+            buffer = io.BytesIO()
+            Image.new("RGB", (40 + index, 32), rgb).save(buffer, format="PNG")
+            rows["image"].append({"bytes": buffer.getvalue(), "path": None})
+            # no test captions: scoring them would start Java (METEOR) for nothing this test checks
+            rows["captions"].append(None if split == "test" else [f"a {name} square."])
+            rows["question"].append("what color is the square?")
+            rows["answer"].append(name)
+            rows["messages"].append([{"from": "human", "value": "<image>\nwhat color is the square?"},
+                                     {"from": "gpt", "value": name}])
+        dataset = datasets.Dataset.from_dict(rows, features=features)
+        paths[split] = f"data/raw/hf/{split}" + ("" if split == "train" else ".parquet")
+        (raw / "hf").mkdir(parents=True, exist_ok=True)
+        if split == "train":
+            dataset.save_to_disk(str(raw.parent.parent / paths[split]))
+        else:
+            dataset.to_parquet(str(raw.parent.parent / paths[split]))
+    return {"source": "hf", "hf": {**{split: [path] for split, path in paths.items()}, "caption_column": "captions",
+                                   "question_column": "question", "answer_column": "answer",
+                                   "conversations_column": "messages"}}
+
+
+def test_conversation_sources_train_end_to_end(tmp_path: Path) -> None:
+    """A LLaVA-format dataset, then a `datasets` one in the same repository, imported by `data` and trained through
+    every stage (stage 2 on their conversations, each reply with its conversation's earlier turns). LLaVA's test
+    split has nothing but conversations, which evaluation must take without a metric to compute. One repository
+    for both keeps the test cheap: the second source reruns every stage but `weights`."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    init_pipeline_repo(repo)
+    set_params(repo, {"data": llava_dataset(repo / "data" / "raw"), "train_qformer": {"batch_size": 4},
+                      # no regions for the grid target; a few steps of everything
+                      "train_vlm": {"batch_size": 4, "align": {"target": "caption", "steps": 2, "batch_size": 4},
+                                    "grid": {"size": 0}}})
+    commit_all(repo, "sources, tiny models, a LLaVA dataset")  # (the JSONL test tracks data/raw with `dvc add`)
+
+    llava = run(["dvc", "repro"], repo)
+
+    assert stages_run(llava) == ["data", "check", "weights", "embed", "train_qformer", "train_vlm", "evaluate"]
+    assert "skipped 1 text-only LLaVA records" in llava.stdout + llava.stderr
+    counts = json.loads((repo / "metrics" / "data.json").read_text())
+    assert (counts["train_images"], counts["train_conversations"], counts["train_turns"]) == (4, 4, 8)
+    assert (counts["test_captions"], counts["test_questions"], counts["test_conversations"]) == (0, 0, 2)
+    assert json.loads((repo / "metrics" / "train_vlm.json").read_text())["turns_seen"] == 8  # 1 step of 4 images
+    evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert evaluation == {"caption_images": 0, "question_images": 0}  # no caption, no question: no metric
+    assert "evaluate: VQA accuracy not scored: no image of the split has questions" in llava.stdout + llava.stderr
+
+    set_params(repo, {"data": hf_dataset(repo / "data" / "raw")})
+    hf = run(["dvc", "repro"], repo)
+
+    assert stages_run(hf) == ["data", "check", "embed", "train_qformer", "train_vlm", "evaluate"]
+    counts = json.loads((repo / "metrics" / "data.json").read_text())
+    assert (counts["train_images"], counts["train_captions"], counts["train_conversations"]) == (4, 4, 4)
+    assert (counts["test_captions"], counts["test_questions"], counts["test_conversations"]) == (0, 2, 2)
+    evaluation = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert 0.0 <= evaluation["vqa_accuracy"] <= 1.0 and "cider" not in evaluation

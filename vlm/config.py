@@ -28,7 +28,7 @@ class ParamsError(ValueError):
 Precision = Literal["bf16", "fp32"]
 
 
-DataSource = Literal["synthetic", "coco", "vqav2", "coco+vqav2", "jsonl"]
+DataSource = Literal["synthetic", "coco", "vqav2", "coco+vqav2", "jsonl", "llava", "hf"]
 # Image-text retrieval's recall@k (train_qformer's metrics); a test split needs more images than the largest k.
 RECALL_KS = (1, 5, 10)
 # Imported files must lie here: the `data` stage lists this folder as a DVC dependency, so a changed file reruns it.
@@ -81,6 +81,45 @@ class VQAv2Config:
 
 
 @dataclass(frozen=True)
+class LlavaConfig(SplitFiles):
+    """LLaVA conversation files per split (JSON lists or .jsonl; vlm/data/llava.py) and the folder their `image`
+    paths are relative to."""
+
+    train: tuple[str, ...] = ("data/raw/llava/train.json",)
+    val: tuple[str, ...] = ("data/raw/llava/val.json",)
+    test: tuple[str, ...] = ("data/raw/llava/test.json",)
+    images: str = "data/raw/llava/images"
+
+
+@dataclass(frozen=True)
+class HFDatasetConfig(SplitFiles):
+    """Hugging Face `datasets` data per split (vlm/data/hf_datasets.py): each a `save_to_disk` folder or a Parquet
+    file, and which of its columns hold what. A text column set to null is not read; an image needs one of them."""
+
+    train: tuple[str, ...] = ("data/raw/hf/train",)
+    val: tuple[str, ...] = ("data/raw/hf/val",)
+    test: tuple[str, ...] = ("data/raw/hf/test",)
+    image_column: str = "image"  # an Image feature (or encoded bytes)
+    id_column: str | None = None  # rows that share an id are one image; null: every row its own image
+    caption_column: str | None = "captions"  # a string or a list of strings
+    question_column: str | None = None  # a string, or a list of strings (then answers and types: parallel lists)
+    answer_column: str | None = None  # an answer: a string, or a list of every human answer
+    question_type_column: str | None = None  # null: type "other"
+    conversations_column: str | None = None  # LLaVA-style messages ({"from": "human" | "gpt", "value"}), or a list
+    # of such conversations
+
+    def __post_init__(self) -> None:
+        if (self.question_column is None) != (self.answer_column is None):
+            raise ParamsError(f"params data.hf.question_column and data.hf.answer_column go together (questions need "
+                              f"their answers); got {self.question_column!r} and {self.answer_column!r}")
+        if self.question_type_column and not self.question_column:
+            raise ParamsError("param data.hf.question_type_column needs data.hf.question_column")
+        if not (self.caption_column or self.question_column or self.conversations_column):
+            raise ParamsError("params data.hf: set at least one of caption_column, question_column (with "
+                              "answer_column) and conversations_column: an image without text teaches nothing")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     source: DataSource = "synthetic"
     # synthetic scenes
@@ -98,6 +137,8 @@ class DataConfig:
     vqav2: VQAv2Config = field(default_factory=VQAv2Config)
     jsonl: SplitFiles = field(  # manifests (vlm/data/jsonl_manifest.py)
         default_factory=lambda: SplitFiles(*((f"data/raw/manifest/{split}.jsonl",) for split in SPLITS)))
+    llava: LlavaConfig = field(default_factory=LlavaConfig)
+    hf: HFDatasetConfig = field(default_factory=HFDatasetConfig)
 
     def __post_init__(self) -> None:
         for split in SPLITS:
@@ -128,6 +169,11 @@ class DataConfig:
                         "questions file, in the same order")
         if self.source == "jsonl":
             _check_split_files("data.jsonl", self.jsonl, self.source)
+        if self.source == "llava":
+            _check_path("data.llava.images", self.llava.images)
+            _check_split_files("data.llava", self.llava, self.source)
+        if self.source == "hf":
+            _check_split_files("data.hf", self.hf, self.source)
 
 
 def _check_split_files(key: str, files: SplitFiles, source: str) -> None:
@@ -344,7 +390,8 @@ class VLMTrainConfig(TrainConfig):
     warmup_steps: int = 5
     log_every: int = 5
     # "token": every answer token weighs the same (a 40-token caption outweighs a one-word answer 20 to 1);
-    # "turn": each turn's tokens are averaged first, so every caption and every answer weighs the same.
+    # "turn": each turn's tokens are averaged first, so every caption, every answer and every reply of a
+    # conversation weighs the same.
     loss_average: Literal["token", "turn"] = "turn"
     align: AlignConfig = field(default_factory=AlignConfig)
     grid: GridConfig = field(default_factory=GridConfig)

@@ -16,7 +16,7 @@ from typing import Any
 from vlm.config import RECALL_KS, Params
 from vlm.data.dataset_io import read_split
 
-TEXT_COLUMNS = ("captions", "questions", "regions")
+TEXT_COLUMNS = ("captions", "questions", "regions", "conversations")
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,14 @@ class SplitSummary:
     with_captions: int
     with_questions: int
     with_regions: int
+    with_conversations: int = 0
+    conversations_without_captions: int = 0  # their first replies stand in for captions (dataset_io)
+
+    @property
+    def with_caption_texts(self) -> int:
+        """Images with captions, or with conversations whose first replies stand in for them: what stage 1 and
+        the caption alignment read."""
+        return self.with_captions + self.conversations_without_captions
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -49,13 +57,15 @@ class DataMismatch(ValueError):
 
 def summarize(rows: Iterable[Mapping[str, Any]]) -> SplitSummary:
     """A split's summary from rows holding (at least) captions, questions and regions lists."""
-    images = captions = questions = regions = 0
+    images = captions = questions = regions = conversations = conversations_only = 0
     for row in rows:
         images += 1
         captions += bool(row.get("captions"))
         questions += bool(row.get("questions"))
         regions += bool(row.get("regions"))
-    return SplitSummary(images, captions, questions, regions)
+        conversations += bool(row.get("conversations"))
+        conversations_only += bool(row.get("conversations") and not row.get("captions"))
+    return SplitSummary(images, captions, questions, regions, conversations, conversations_only)
 
 
 def summarize_split(path: Path) -> SplitSummary:
@@ -70,7 +80,7 @@ def check_params(params: Params, splits: Mapping[str, SplitSummary]) -> list[Pro
     stage1, align, grid = params.train_qformer, params.train_vlm.align, params.train_vlm.grid
 
     def count(summary: SplitSummary, kind: str) -> int:
-        return summary.with_captions if kind == "captions" else summary.with_questions
+        return summary.with_caption_texts if kind == "captions" else summary.with_questions
 
     # stage 1: image-text pairs
     if count(train, stage1.texts) == 0:
@@ -110,18 +120,19 @@ def check_params(params: Params, splits: Mapping[str, SplitSummary]) -> list[Pro
             problems.append(Problem("qformer.num_queries", f"a {grid.size} x {grid.size} grid needs one query per "
                                     f"cell ({needed}), there are {params.qformer.num_queries}",
                                     f"raise qformer.num_queries to {needed} or more, or lower train_vlm.grid.size"))
-    if align.steps and align.target == "caption" and train.with_captions == 0:
+    if align.steps and align.target == "caption" and train.with_caption_texts == 0:
         problems.append(Problem("train_vlm.align.steps", f"the alignment spells reference captions, and none of "
                                 f"the {train.images} train images has one", "set train_vlm.align.steps: 0, or "
                                 "apply the question-only recipe: `vlm recipe question-only`"))
 
     # stage 2 and evaluation
-    if train.with_captions == 0 and train.with_questions == 0:
-        problems.append(Problem("data", "stage 2 trains on captions and questions, and the train split has "
-                                "neither", "give the train images captions or questions"))
+    if train.with_captions == 0 and train.with_questions == 0 and train.with_conversations == 0:
+        problems.append(Problem("data", "stage 2 trains on captions, questions and conversations, and the train "
+                                "split has none", "give the train images captions, questions or conversations"))
     if test.with_captions == 0 and test.with_questions == 0:
         problems.append(Problem("data", "the test split has neither captions nor questions: evaluate would have "
-                                "nothing to score", "give the test images captions or questions"))
+                                "nothing to score", "give the test images captions or questions (reference "
+                                "answers)", fatal=test.with_conversations == 0))
     else:
         for kind, metric in (("captions", "CIDEr, BLEU, METEOR, ROUGE-L"), ("questions", "VQA accuracy")):
             if count(test, kind) == 0:

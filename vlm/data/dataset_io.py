@@ -2,9 +2,11 @@
 
 Every source (the synthetic scenes, and COCO captions, VQAv2 and JSONL imports) lands in the same
 layout so that embedding, training and evaluation code never needs to know where the data came from:
-one Parquet file per split, one row per image, with all of the image's captions and question/answer
-pairs. Images are kept as the original encoded PNG/JPEG bytes (not decoded pixels) because that is
-~10x smaller and lets each consumer resize however its backbone wants.
+one Parquet file per split, one row per image, with all of the image's captions, question/answer pairs and
+multi-turn conversations (LLaVA-style: each a list of user/assistant exchanges about the image; a caption or a
+single question is a one-turn conversation too, but stays in its own column, where evaluation scores it).
+Images are kept as the original encoded PNG/JPEG bytes (not decoded pixels) because that is ~10x smaller and
+lets each consumer resize however its backbone wants.
 
 Writing streams row groups through a ParquetWriter, so a split of any size needs only one row group
 in memory, and it is atomic: the file appears under its final name only once it is complete.
@@ -22,6 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
+
+# One exchange of a conversation: what the user says and what the assistant replies.
+CONVERSATION_TURN = pa.struct([("user", pa.string()), ("assistant", pa.string())])
+TEXT_COLUMNS = ("captions", "questions", "conversations")  # a row with none of these teaches nothing
 
 DATASET_SCHEMA = pa.schema(
     [
@@ -41,11 +47,15 @@ DATASET_SCHEMA = pa.schema(
         pa.field("regions", pa.list_(pa.struct([(key, pa.float64()) for key in ("x", "y", "w", "h")]
                                                + [("phrase", pa.string())])),
                  nullable=False),
+        # Multi-turn conversations about the image (LLaVA's, or a datasets column): an image may have several,
+        # each a list of exchanges in order; stage 2 trains every reply with the earlier exchanges in context.
+        pa.field("conversations", pa.list_(pa.list_(CONVERSATION_TURN)), nullable=False),
     ]
 )
 REGION_KEYS = ("x", "y", "w", "h", "phrase")
 COLUMNS: tuple[str, ...] = tuple(DATASET_SCHEMA.names)
-OPTIONAL_COLUMNS: dict[str, Any] = {"regions": []}  # a record may leave these out; they are written empty
+# A record may leave these out; they are written empty.
+OPTIONAL_COLUMNS: dict[str, Any] = {"regions": [], "conversations": []}
 
 # File signatures of the accepted encodings; checking them at write time is cheap and turns a
 # confusing decode failure deep inside training into an error at import time.
@@ -158,6 +168,19 @@ def validate_record(record: Mapping[str, Any]) -> None:
                    for c, s in (("x", "w"), ("y", "h"))):
             raise fail(f"regions[{index}]", f"is a box that reaches outside the image, got {region!r}")
 
+    conversations = record.get("conversations", [])
+    if not isinstance(conversations, list | tuple):
+        raise fail("conversations", f"must be a list of conversations, got {type(conversations).__name__}")
+    for index, conversation in enumerate(conversations):
+        if not isinstance(conversation, list | tuple) or not conversation:
+            raise fail(f"conversations[{index}]", f"must be a non-empty list of {{'user', 'assistant'}} exchanges, "
+                                                  f"got {conversation!r}")
+        for turn_index, turn in enumerate(conversation):
+            if not (isinstance(turn, Mapping) and set(turn) == {"user", "assistant"}
+                    and all(isinstance(turn[key], str) and turn[key].strip() for key in ("user", "assistant"))):
+                raise fail(f"conversations[{index}][{turn_index}]",
+                           f"must be {{'user': non-empty text, 'assistant': non-empty text}}, got {turn!r}")
+
 
 def _fraction(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
@@ -187,10 +210,26 @@ def iter_split(
 
 
 def count_split(path: Path) -> dict[str, int]:
-    """How many images, captions, questions and regions a split holds (reads only those columns, not the images)."""
-    table = read_split(path, columns=["captions", "questions", "regions"])
-    return {"images": table.num_rows, **{column: int(pc.sum(pc.list_value_length(table[column])).as_py() or 0)
-                                         for column in ("captions", "questions", "regions")}}
+    """How many images, captions, questions, regions, conversations and conversation turns (user/assistant
+    exchanges) a split holds (reads only the text columns, not the images)."""
+    table = read_split(path, columns=[*TEXT_COLUMNS, "regions"])
+
+    def total(values: pa.ChunkedArray) -> int:
+        return int(pc.sum(pc.list_value_length(values)).as_py() or 0)
+
+    return {"images": table.num_rows, "captions": total(table["captions"]), "questions": total(table["questions"]),
+            "regions": total(table["regions"]), "conversations": total(table["conversations"]),
+            "turns": total(pc.list_flatten(table["conversations"]))}
+
+
+def captions_or_replies(path: Path) -> tuple[list[str], list[list[str]]]:
+    """(image ids, texts that describe each image) of a split: its captions, or for an image without any, the
+    first reply of each of its conversations (the reply to the turn that shows the image: in LLaVA's caption data,
+    LCS-558K, that reply is the caption). What stage 1 pairs with an image and the caption alignment spells."""
+    table = read_split(path, columns=["image_id", "captions", "conversations"])
+    texts = [captions or [conversation[0]["assistant"] for conversation in conversations]
+             for captions, conversations in zip(table["captions"].to_pylist(), table["conversations"].to_pylist())]
+    return table["image_id"].to_pylist(), texts
 
 
 def read_metadata(path: Path) -> dict[str, str]:

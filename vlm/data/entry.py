@@ -1,15 +1,15 @@
 """One imported image before its bytes are read: its text and objects, where its file is, where the record came from.
 
-Importers (coco, vqav2, jsonl_manifest) turn annotation files into Entries, which hold only text and boxes, so a whole
-split's annotations fit in memory while its images do not have to: a RecordStream reads one image at a time
-and yields dataset rows (vlm.data.dataset_io) for `write_split` to stream into Parquet.
+Importers (coco, vqav2, jsonl_manifest, llava, hf_datasets) turn annotation files into Entries, which hold only
+text and boxes, so a whole split's annotations fit in memory while its images do not have to: a RecordStream reads
+one image at a time and yields dataset rows (vlm.data.dataset_io) for `write_split` to stream into Parquet.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from vlm.data.dataset_io import DatasetError
-from vlm.data.image_files import BadImage, ImageFolder, read_image
+from vlm.data.image_files import BadImage, ImageFolder, fit_image, read_image
 
 
 @dataclass(frozen=True)
@@ -58,16 +58,28 @@ def box_region(x0: float, y0: float, x1: float, y1: float, phrase: str, where: s
     return Region((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0, phrase)
 
 
+Exchange = tuple[str, str]  # one turn of a conversation: (what the user says, what the assistant replies)
+
+
 @dataclass
 class Entry:
     image_id: str
     origin: str  # the file and record it came from, e.g. "dataset_coco.json: images[12] (cocoid 391895)"
-    folder: ImageFolder
+    folder: ImageFolder | None  # None: the image comes from `read_image` instead of a file
     image_names: tuple[str, ...]  # where the file may be, relative to `folder`, most likely first
     coco_id: int | None = None  # else looked up by the number ending its file name (COCO naming)
     captions: list[str] = field(default_factory=list)
     questions: list[Question] = field(default_factory=list)
     regions: list[Region] = field(default_factory=list)
+    conversations: list[tuple[Exchange, ...]] = field(default_factory=list)  # each: its exchanges in order
+    # The image's encoded bytes where they live in no file of an image folder (a row of a `datasets` dataset);
+    # may raise BadImage.
+    read_image: Callable[[], bytes] | None = None
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the image comes with anything to learn from (an image without text teaches nothing)."""
+        return bool(self.captions or self.questions or self.conversations)
 
 
 class RecordStream:
@@ -88,7 +100,10 @@ class RecordStream:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for entry in tqdm(self.entries, desc=self.description, unit="image"):
             try:
-                image = read_image(entry.folder.find(entry.image_names, entry.coco_id), self.resize)
+                if entry.read_image is not None:
+                    image = fit_image(entry.read_image(), self.resize, "the image")
+                else:
+                    image = read_image(entry.folder.find(entry.image_names, entry.coco_id), self.resize)
             except BadImage as exc:
                 if not self.skip_bad_images:
                     raise DatasetError(f"{entry.origin}: {exc} (set data.skip_bad_images: true to leave out and "
@@ -103,6 +118,8 @@ class RecordStream:
                 "answers": [list(q.answers) for q in entry.questions],
                 "question_types": [q.type for q in entry.questions],
                 "regions": [asdict(region) for region in entry.regions],
+                "conversations": [[{"user": user, "assistant": reply} for user, reply in conversation]
+                                  for conversation in entry.conversations],
             }
 
 

@@ -76,18 +76,23 @@ def read_image(path: Path, resize: int = 0) -> bytes:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise BadImage(f"cannot read image file {path} ({exc.strerror or exc})") from exc
+    return fit_image(data, resize, f"image file {path}")
+
+
+def fit_image(data: bytes, resize: int, what: str) -> bytes:
+    """Encoded image bytes as `read_image` returns a file's; `what` names them in a BadImage ("image file x")."""
     if not data:
-        raise BadImage(f"image file {path} is empty")
+        raise BadImage(f"{what} is empty")
     encoding = next((name for signature, name in IMAGE_SIGNATURES.items() if data.startswith(signature)), None)
     if resize == 0:
         if encoding is None:
-            raise BadImage(f"image file {path} is neither PNG nor JPEG; convert it, or set data.resize to re-encode")
+            raise BadImage(f"{what} is neither PNG nor JPEG; convert it, or set data.resize to re-encode")
         return data
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise BadImage(f"image file {path} does not decode ({exc})") from exc
+        raise BadImage(f"{what} does not decode ({exc})") from exc
     if encoding is not None and max(image.size) <= resize:
         return data
     image.thumbnail((resize, resize), Image.Resampling.BICUBIC)

@@ -11,6 +11,8 @@
 With coco, coco+vqav2 and vqav2, the objects of the split's COCO instances files (`data.coco.instances`, optional)
 join the split's images by COCO id as their `regions`; how many images of each file are in the split is logged
 (none: the file is listed for the wrong split, or the captions are a subset).
+- llava: each split's LLaVA conversation files (vlm.data.llava); an image's records join one row.
+- hf: each split's Hugging Face `datasets` folders or Parquet files, columns mapped by params (vlm.data.hf_datasets).
 
 Annotations are read whole (text only); images are read one at a time by `vlm.data.entry.RecordStream`.
 An image id may appear only once per split, and no image of `train` may appear in `val` or `test`.
@@ -29,8 +31,10 @@ from vlm.data.checks import SplitSummary, summarize
 from vlm.data.coco import ALL_SPLITS, read_captions, read_instances
 from vlm.data.dataset_io import DatasetError
 from vlm.data.entry import Entry, Question, Region
+from vlm.data.hf_datasets import read_hf
 from vlm.data.image_files import ImageFolder
 from vlm.data.jsonl_manifest import read_manifest
+from vlm.data.llava import read_llava
 from vlm.data.vqav2 import read_questions, vqa_entries
 
 
@@ -42,6 +46,11 @@ def import_entries(config: DataConfig) -> dict[str, list[Entry]]:
     read_objects = functools.cache(read_instances)
     if config.source == "jsonl":
         splits = {split: [e for path in _paths(config.jsonl, split) for e in read_manifest(path)] for split in SPLITS}
+    elif config.source == "llava":
+        folder = ImageFolder(Path(config.llava.images))
+        splits = {split: read_llava(_paths(config.llava, split), folder, split) for split in SPLITS}
+    elif config.source == "hf":
+        splits = {split: read_hf(_paths(config.hf, split), split, config.hf) for split in SPLITS}
     elif config.source == "coco":
         splits = _coco(config, read_coco)
     elif config.source == "vqav2":
@@ -69,7 +78,7 @@ def import_entries(config: DataConfig) -> dict[str, list[Entry]]:
 
 # The param whose files decide which images a split holds, by source.
 _SPLIT_KEYS = {"jsonl": "data.jsonl", "coco": "data.coco.captions", "coco+vqav2": "data.coco.captions",
-               "vqav2": "data.vqav2.questions"}
+               "vqav2": "data.vqav2.questions", "llava": "data.llava", "hf": "data.hf"}
 
 
 def _paths(files: SplitFiles, split: str) -> list[Path]:
@@ -125,10 +134,11 @@ def _with_regions(entries: list[Entry], paths: list[Path], read_objects: Callabl
 
 
 def _with_text(entries: list[Entry], split: str) -> list[Entry]:
-    """Entries with at least one caption or question: an image without text teaches nothing."""
-    kept = [entry for entry in entries if entry.captions or entry.questions]
+    """Entries with at least one caption, question or conversation: an image without text teaches nothing."""
+    kept = [entry for entry in entries if entry.has_text]
     if len(kept) < len(entries):
-        print(f"data {split}: left out {len(entries) - len(kept)} images without captions or questions")
+        print(f"data {split}: left out {len(entries) - len(kept)} images without captions, questions or "
+              "conversations")
     return kept
 
 
@@ -155,6 +165,6 @@ def planned_summaries(config: DataConfig) -> dict[str, SplitSummary]:
     if config.source == "synthetic":
         sizes = {"train": config.train_images, "val": config.val_images, "test": config.test_images}
         return {split: SplitSummary(n, n, n, n) for split, n in sizes.items()}
-    return {split: summarize({"captions": e.captions, "questions": e.questions,
-                              "regions": getattr(e, "regions", [])} for e in entries)
+    return {split: summarize({"captions": e.captions, "questions": e.questions, "regions": e.regions,
+                              "conversations": e.conversations} for e in entries)
             for split, entries in import_entries(config).items()}

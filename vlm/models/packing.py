@@ -10,6 +10,11 @@ is computed exactly as if it were the only one (the single-turn prompt used at i
 part runs once per image instead of once per question. On CPU, where the LLM's forward/backward is the whole
 cost of stage 2, this matters: single-turn batches pad every short VQA row to caption length
 (docs/experiments/speed.md).
+
+A "turn" here is a segment: a caption or a question with its answer, or a whole multi-turn conversation
+(`ChatPrompt.conversation`), whose later user turns and replies follow its first inside the one segment, so each
+reply sees the conversation's earlier turns and nothing of the row's other segments. Labels come from the
+Example (`Example.labels`): every reply and its end-of-turn, nothing else.
 """
 
 from __future__ import annotations

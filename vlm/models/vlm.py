@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -261,33 +261,36 @@ class VisionLanguageModel(nn.Module):
         return embeds, layout
 
     def _check_context(self, rows: Sequence[Sequence[Example]], batch: int) -> None:
-        """Every turn must fit the LLM's context after the shared part (turns restart their positions there)."""
         if len(rows) != batch:
             raise ValueError(f"{len(rows)} rows of turns for {batch} images; give one row per image")
+        self.check_context(turn for turns in rows for turn in turns)
+
+    def check_context(self, examples: Iterable[Example]) -> None:
+        """Every turn (or conversation) must fit the LLM's context after the shared part (each restarts its
+        positions there); ValueError with the text of the first that does not."""
         context = getattr(self.base_llm.config, "max_position_embeddings", None)
         if context is None:
             return
         shared = self.num_shared_tokens
-        for turns in rows:
-            for turn in turns:
-                length = shared + turn.num_tokens
-                if length > context:
-                    text = self.tokenizer.decode(turn.user_ids, skip_special_tokens=True).strip()
-                    raise ValueError(f"a prompt of {length} tokens (system prompt + visual tokens: {shared}) exceeds "
-                                     f"the LLM's context of {context} tokens; shorten this question or answer: "
-                                     f"{text[:80]!r}...")
+        for turn in examples:
+            length = shared + turn.num_tokens
+            if length > context:
+                text = self.tokenizer.decode(turn.user_ids, skip_special_tokens=True).strip()
+                raise ValueError(f"a prompt of {length} tokens (system prompt + visual tokens: {shared}) exceeds "
+                                 f"the LLM's context of {context} tokens; shorten this question or answer (or "
+                                 f"conversation): {text[:80]!r}...")
 
     def forward(self, image_embeds: torch.Tensor, rows: Sequence[Sequence[Example]], average: str = "token"
                 ) -> torch.Tensor:
-        """Cross-entropy over the answer tokens (incl. end-of-turn) of every turn of every row: the mean over
-        tokens (`average="token"`), or over turns of each turn's mean (`"turn"`, so that a one-word answer
-        weighs as much as a long caption)."""
+        """Cross-entropy over the reply tokens (incl. end-of-turn) of every segment of every row: the mean over
+        tokens (`average="token"`), or over replies of each reply's mean (`"turn"`, so that a one-word answer
+        weighs as much as a long caption, and each reply of a conversation as much as a lone answer)."""
         embeds, layout = self.build_inputs(image_embeds, rows, left_pad=False)
         base = self.base_llm
         mask = turn_attention_mask(layout.segments, base.config._attn_implementation, embeds.dtype)
         hidden = base.model(inputs_embeds=embeds, attention_mask=mask, position_ids=layout.position_ids).last_hidden_state
-        # Position t predicts token t+1 (answers never open a turn, so the shift stays inside the turn). Only
-        # answer tokens are targets, so the vocabulary projection (a fifth of SmolLM2's FLOPs) runs for those alone.
+        # Position t predicts token t+1 (replies never open a segment, so the shift stays inside it). Only reply
+        # tokens are targets, so the vocabulary projection (a fifth of SmolLM2's FLOPs) runs for those alone.
         targets = layout.labels[:, 1:]
         is_target = targets != IGNORE_INDEX
         logits = base.lm_head(hidden[:, :-1][is_target])
@@ -296,12 +299,13 @@ class VisionLanguageModel(nn.Module):
             return distributed.global_mean(token_losses.sum(), len(token_losses))  # torchrun: all ranks' tokens
         if average != "turn":
             raise ValueError(f"average must be 'token' or 'turn', got {average!r}")
-        # A turn is (row, segment); weigh each token by 1 / (target tokens in its turn).
-        rows_of = torch.arange(len(targets), device=targets.device)[:, None].expand_as(targets)
-        turn_keys = rows_of[is_target] * (int(layout.segments.max()) + 1) + layout.segments[:, 1:][is_target]
-        _, turn_of_token, turn_sizes = torch.unique(turn_keys, return_inverse=True, return_counts=True)
-        total = (token_losses / turn_sizes[turn_of_token]).sum()
-        return distributed.global_mean(total, len(turn_sizes))
+        # A reply is a run of consecutive targets: a user turn (never a target) separates one from the next, in a
+        # conversation as between segments. Weigh each token by 1 / (target tokens in its reply).
+        starts = is_target & ~F.pad(is_target[:, :-1], (1, 0), value=False)
+        reply_of_token = starts.flatten().cumsum(0)[is_target.flatten()] - 1
+        reply_sizes = torch.bincount(reply_of_token)
+        total = (token_losses / reply_sizes[reply_of_token]).sum()
+        return distributed.global_mean(total, len(reply_sizes))
 
     @torch.inference_mode()
     def generate(self, image_embeds: torch.Tensor, instructions: Sequence[str], max_new_tokens: int = 40,

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from vlm import distributed
 from vlm.config import GridConfig, VLMTrainConfig
-from vlm.data.dataset_io import read_split
+from vlm.data.dataset_io import captions_or_replies, read_split
 from vlm.data.embeddings import Embeddings, available, gather
 from vlm.models.empty_cells import EmptyCellRule
 from vlm.models.prompt import IGNORE_INDEX
@@ -121,10 +121,12 @@ def alignment_losses(visual: torch.Tensor, targets: torch.Tensor, embedding_matr
 
 
 def reference_captions(dataset_path: Path, index: int = 0) -> dict[str, str]:
-    """image id -> its reference caption number `index` (its last if it has fewer); images without captions,
-    e.g. VQA-only imports, are left out."""
-    rows = read_split(dataset_path, columns=["image_id", "captions"]).to_pylist()
-    return {row["image_id"]: row["captions"][min(index, len(row["captions"]) - 1)] for row in rows if row["captions"]}
+    """image id -> its reference caption number `index` (its last if it has fewer; for an image without captions,
+    the first reply of one of its conversations: `vlm.data.dataset_io.captions_or_replies`); images without
+    either, e.g. VQA-only imports, are left out."""
+    image_ids, texts = captions_or_replies(dataset_path)
+    return {image_id: captions[min(index, len(captions) - 1)]
+            for image_id, captions in zip(image_ids, texts) if captions}
 
 
 def _batches(embeddings: Embeddings, targets: dict[str, list[int]], batch_size: int, seed: int

@@ -11,7 +11,7 @@ import torch
 
 from vlm import distributed
 from vlm.config import QFormerConfig, QFormerTrainConfig
-from vlm.data.dataset_io import read_split
+from vlm.data.dataset_io import captions_or_replies, read_split
 from vlm.data.embeddings import Embeddings, available, gather
 from vlm.losses import stage1_losses
 from vlm.models.qformer import QFormer
@@ -22,22 +22,22 @@ from vlm.train.loop import train
 def image_texts(dataset_path: Path, texts: str = "captions") -> tuple[list[str], list[list[str]], int]:
     """(image ids, texts per image, images left out) of a split, read without the image bytes.
 
-    `texts` "captions": each image's captions; "questions": each of its questions followed by its first answer
-    ("what colour is the heart? teal"), for data without captions. Images with no such text are left out and
-    counted."""
+    `texts` "captions": each image's captions, or for an image without any the first reply of each of its
+    conversations (`vlm.data.dataset_io.captions_or_replies`); "questions": each of its questions followed by its
+    first answer ("what colour is the heart? teal"), for data without captions. Images with no such text are left
+    out and counted."""
     if texts == "captions":
-        table = read_split(dataset_path, columns=["image_id", "captions"])
-        per_image = table.column("captions").to_pylist()
+        image_ids, per_image = captions_or_replies(dataset_path)
     elif texts == "questions":
         table = read_split(dataset_path, columns=["image_id", "questions", "answers"])
+        image_ids = table.column("image_id").to_pylist()
         per_image = [[f"{question} {answers[0]}" for question, answers in zip(questions, answer_lists)]
                      for questions, answer_lists in zip(table.column("questions").to_pylist(),
                                                         table.column("answers").to_pylist())]
     else:
         raise ValueError(f"train_qformer.texts must be 'captions' or 'questions', got {texts!r}")
-    kept = [(image_id, image_texts) for image_id, image_texts in zip(table.column("image_id").to_pylist(), per_image)
-            if image_texts]
-    return [image_id for image_id, _ in kept], [t for _, t in kept], table.num_rows - len(kept)
+    kept = [(image_id, texts_of) for image_id, texts_of in zip(image_ids, per_image) if texts_of]
+    return [image_id for image_id, _ in kept], [t for _, t in kept], len(image_ids) - len(kept)
 
 
 def caption_batches(embeddings: Embeddings, image_ids: list[str], captions: list[list[str]], qformer: QFormer,
@@ -53,7 +53,8 @@ def caption_batches(embeddings: Embeddings, image_ids: list[str], captions: list
     counts = torch.tensor([len(c) for c in captions])
     if (counts == 0).any():
         missing = image_ids[int((counts == 0).nonzero()[0])]
-        raise ValueError(f"image {missing!r} has no caption; stage 1 trains on image-caption pairs")
+        raise ValueError(f"image {missing!r} has no caption (nor a conversation); stage 1 trains on image-caption "
+                         "pairs")
     tokens = qformer.tokenizer(flat, padding="max_length", truncation=True, max_length=qformer.config.max_text_len,
                                return_tensors="pt")
     generator = torch.Generator().manual_seed(seed)

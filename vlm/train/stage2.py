@@ -1,18 +1,22 @@
 """Stage 2: teach the frozen LLM (through LoRA) to read the Q-Former's visual tokens.
 
-Captions and VQA pairs train together, packed: one row per image holds all of its turns, each of which sees
-only the shared system prompt and visual tokens (`vlm/models/packing.py`). Every turn is tokenised once per
-epoch; a step only gathers cached image embeddings and runs the model.
+Captions, VQA pairs and multi-turn conversations train together, packed: one row per image holds all of its
+segments, each of which sees only the shared system prompt and visual tokens and itself (`vlm/models/packing.py`).
+A caption or a question is a one-turn segment; a conversation is one segment, its turns in order, so that each
+reply is trained with the conversation's earlier turns in context (`ChatPrompt.conversation`). Only the replies
+and their end-of-turn tokens are targets. Every segment is tokenised once per epoch (a conversation once per
+run); a step only gathers cached image embeddings and runs the model.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -50,21 +54,47 @@ def load_tasks(dataset_path: Path, llm: LLMConfig) -> tuple[list[Task], list[Tas
     return captions, questions
 
 
-def with_embeddings(embeddings: Embeddings, tasks: list[Task]) -> list[Task]:
-    """The tasks whose image has an embedding (`embed` leaves out images it skipped as unreadable)."""
+@dataclass(frozen=True)
+class ConversationTask:
+    """A multi-turn conversation about one image: (user, assistant) turns in order (the dataset's `conversations`)."""
+
+    image_id: str
+    turns: tuple[tuple[str, str], ...]
+
+    @property
+    def replies(self) -> int:
+        return len(self.turns)
+
+
+def load_conversations(dataset_path: Path) -> list[ConversationTask]:
+    """Every conversation of a split, image by image, in order."""
+    table = read_split(dataset_path, columns=["image_id", "conversations"])
+    return [ConversationTask(row["image_id"], tuple((turn["user"], turn["assistant"]) for turn in conversation))
+            for row in table.to_pylist() for conversation in row["conversations"]]
+
+
+ImageItem = TypeVar("ImageItem", Task, ConversationTask)
+
+
+def with_embeddings(embeddings: Embeddings, tasks: Sequence[ImageItem]) -> list[ImageItem]:
+    """The tasks (or conversations) whose image has an embedding (`embed` leaves out images it skipped as
+    unreadable)."""
     keep = set(available(embeddings, {task.image_id: None for task in tasks}))
     return [task for task in tasks if task.image_id in keep]
 
 
-def image_conversations(tasks: list[Task], prompt: ChatPrompt, rng: random.Random
-                        ) -> list[tuple[str, list[Example]]]:
-    """(image id, all of its turns): one packed training row per image, turns in a fresh random order.
+def image_conversations(tasks: list[Task], prompt: ChatPrompt, rng: random.Random,
+                        conversations: Sequence[tuple[str, Example]] = ()) -> list[tuple[str, list[Example]]]:
+    """(image id, all of its segments): one packed training row per image, segments in a fresh random order.
 
-    A caption task contributes one of its references, a new random one each epoch.
+    A caption task contributes one of its references, a new random one each epoch; a question its answer; a
+    conversation (image id, its tokenised Example: `ChatPrompt.conversation`) all of its turns, as one segment.
     """
     turns: dict[str, list[Example]] = {}
     for task in tasks:
         turns.setdefault(task.image_id, []).append(prompt.example(task.instruction, rng.choice(task.answers)))
+    for image_id, example in conversations:
+        turns.setdefault(image_id, []).append(example)
     for examples in turns.values():
         rng.shuffle(examples)
     return list(turns.items())
@@ -75,13 +105,20 @@ def image_conversations(tasks: list[Task], prompt: ChatPrompt, rng: random.Rando
 POOL_BATCHES = 16
 
 
+def tokenised(conversations: Sequence[ConversationTask], prompt: ChatPrompt) -> list[tuple[str, Example]]:
+    """(image id, Example) of each conversation: its tokens are the same every epoch, so they are made once."""
+    return [(conversation.image_id, prompt.conversation(conversation.turns)[1]) for conversation in conversations]
+
+
 def conversation_batches(embeddings: Embeddings, tasks: list[Task], prompt: ChatPrompt, batch_size: int,
-                         seed: int) -> Iterator[tuple[torch.Tensor, list[list[Example]]]]:
-    """Endless shuffled batches of `batch_size` images, each with all its caption and VQA turns; the images of
-    a batch have about as many turn tokens (`POOL_BATCHES`), and the batches come in random order."""
+                         seed: int, conversations: Sequence[tuple[str, Example]] = ()
+                         ) -> Iterator[tuple[torch.Tensor, list[list[Example]]]]:
+    """Endless shuffled batches of `batch_size` images, each with all its caption and VQA turns and its
+    conversations (`tokenised`); the images of a batch have about as many turn tokens (`POOL_BATCHES`), and the
+    batches come in random order."""
     rng = random.Random(seed)
     while True:
-        rows = image_conversations(tasks, prompt, rng)
+        rows = image_conversations(tasks, prompt, rng, conversations)
         rng.shuffle(rows)
         chunks = []
         pool_size = batch_size * POOL_BATCHES
@@ -103,10 +140,16 @@ def train_vlm(model: VisionLanguageModel, embeddings: Embeddings, dataset_path: 
     torch.manual_seed(config.seed)
     caption_tasks, vqa_tasks = load_tasks(dataset_path, llm)
     tasks = with_embeddings(embeddings, caption_tasks + vqa_tasks)
-    images = len({task.image_id for task in tasks})
+    conversations = with_embeddings(embeddings, load_conversations(dataset_path))
+    images = len({task.image_id for task in tasks} | {conversation.image_id for conversation in conversations})
+    if not images:
+        raise ValueError(f"train_vlm: no training image of {dataset_path} has both an embedding and a caption, "
+                         "question or conversation to learn from")
     batch_size = min(config.batch_size, images)
     steps = max(1, math.ceil(config.epochs * images / batch_size))
-    batches = conversation_batches(embeddings, tasks, model.prompt, batch_size, config.seed)
+    dialogues = tokenised(conversations, model.prompt)
+    model.check_context(example for _, example in dialogues)  # now, not at the step that meets a long one
+    batches = conversation_batches(embeddings, tasks, model.prompt, batch_size, config.seed, dialogues)
     model.to(distributed.device()).train()
     if config.qformer_lr == 0:
         # Frozen Q-Former (the default): with a short stage 2, training it let the LLM's loss wash the image out of
@@ -137,6 +180,7 @@ def train_vlm(model: VisionLanguageModel, embeddings: Embeddings, dataset_path: 
         final = train(groups, step_losses, batches, steps, config, log_dir, description="train_vlm",
                       checkpointer=checkpointer)
     model.eval()
-    turns_per_image = len(tasks) / images
+    # a turn: a caption, a question, or one exchange of a conversation (each is one supervised reply)
+    turns_per_image = (len(tasks) + sum(conversation.replies for conversation in conversations)) / images
     return {"steps": steps, "images_seen": steps * batch_size,
             "turns_seen": round(steps * batch_size * turns_per_image), "final_loss": round(final["loss"], 4)}
