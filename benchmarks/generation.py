@@ -30,7 +30,7 @@ from vlm.config import EvalConfig
 from vlm.data.embeddings import gather
 from vlm.eval.run import predict
 from vlm.models.vlm import VisionLanguageModel
-from vlm.train.stage2 import load_tasks
+from vlm.data.tasks import load_tasks
 
 GOAL = ">= 5"
 

@@ -20,13 +20,13 @@ from vlm.artifacts import (
     write_json,
 )
 from vlm.config import load_params
+from vlm.data.dataset_io import image_regions
 from vlm.data.embeddings import expected_metadata, load_embeddings, made_like
+from vlm.data.tasks import load_tasks
 from vlm.eval.gallery import gallery_ids, read_images, write_gallery
 from vlm.eval.run import evaluate
 from vlm.models.vlm import VisionLanguageModel
 from vlm.stage_main import run_stage
-from vlm.train.align import image_regions
-from vlm.train.stage2 import load_tasks
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ from vlm.data.synthetic import generate_records
 from vlm.models.packing import PADDING, SHARED, turn_attention_mask
 from vlm.models.prompt import IGNORE_INDEX
 from vlm.models.vlm import VisionLanguageModel
-from vlm.train.stage2 import (ConversationTask, conversation_batches, load_conversations, load_tasks,
-                              tokenised)
+from vlm.data.tasks import ConversationTask, load_conversations, load_tasks
+from vlm.train.stage2 import conversation_batches, tokenised
 
 CHAT = (("what color is the triangle?", "blue"), ("how many objects are there?", "there are three objects."))
 ONLY_CHAT = (("what shape is the blue object?", "a triangle."),)

@@ -22,7 +22,7 @@ from vlm.data.synthetic import generate_records
 from vlm.eval.gallery import IMAGE_SIDE, MARGIN, gallery_ids, read_images, write_gallery
 from vlm.eval.run import evaluate, predict
 from vlm.models.vlm import VisionLanguageModel
-from vlm.train.stage2 import Task
+from vlm.data.tasks import Task
 
 pytestmark = pytest.mark.filterwarnings("ignore:caption_metrics")
 IDS = [f"test-{i:06d}" for i in range(4)]

@@ -33,9 +33,7 @@ NOT_DEPS = {
     "embed": {f"vlm/weights/{name}.py": "the weights stage's converters, imported with sources.py, not run here"
               for name in ("dinov2_onnx", "gguf_llm", "wheels")},
     "train_vlm": {"vlm/weights/wheels.py": "sha256_of, for the fingerprint that lets a killed run resume"},
-    "evaluate": {**{f"vlm/{name}.py": "imported with stage2.py's load_tasks; training only"
-                    for name in ("precision", "train/bf16_llm", "train/checkpoint", "train/loop")},
-                 "vlm/distributed.py": "the device to run on"},
+    "evaluate": {"vlm/distributed.py": "the device to run on"},
 }
 
 

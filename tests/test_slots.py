@@ -11,7 +11,7 @@ from vlm.data.embeddings import Embeddings
 from vlm.eval.slots import reads_grid_slots, slot_metrics, slots_right
 from vlm.models.empty_cells import EmptyCellRule
 from vlm.models.prompt import IGNORE_INDEX
-from vlm.train.align import grid_targets, phrase_ids
+from vlm.models.grid_targets import grid_targets, phrase_ids
 
 # a 2 x 2 grid, one query per cell: the red circle's cell names " red", the others " none"
 REGIONS = {"a": [{"x": 0.2, "y": 0.2, "w": 0.1, "h": 0.1, "phrase": "red circle"}],

@@ -18,7 +18,9 @@ from vlm.models.prompt import IGNORE_INDEX
 from vlm.models.qformer import QFormer, QFormerConfig
 from vlm.models.spatial_prior import (LEGACY_WIDTH_IN_CELLS, cross_attention_bias, patch_grid, query_cells,
                                      region_cell)
-from vlm.train.align import align_queries, grid_targets, image_regions, phrase_ids
+from vlm.data.dataset_io import image_regions
+from vlm.models.grid_targets import grid_targets, phrase_ids
+from vlm.train.align import align_queries
 
 
 def test_queries_are_dealt_out_cell_by_cell_and_the_rest_get_none() -> None:

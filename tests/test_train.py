@@ -18,7 +18,8 @@ from vlm.data.synthetic import QUESTION_TYPES, generate_records
 from vlm.models.prompt import ChatPrompt
 from vlm.train.loop import NonFiniteLossError, train, warmup_cosine
 from vlm.train.stage1 import caption_batches
-from vlm.train.stage2 import conversation_batches, load_tasks
+from vlm.data.tasks import load_tasks
+from vlm.train.stage2 import conversation_batches
 
 FP32 = TrainConfig(lr=0.1, weight_decay=0.0, warmup_steps=1, precision="fp32", log_every=1)
 

@@ -20,7 +20,8 @@ from vlm.config import EvalConfig, LLMConfig, Params
 from vlm.messages import ContextError, Conversation, ImagePolicy, MessageError, parse_messages
 from vlm.models.backbone import VisionBackbone
 from vlm.models.chat import stream_replies
-from vlm.models.prompt import Example, question_instruction
+from vlm.data.tasks import question_instruction
+from vlm.models.prompt import Example
 from vlm.models.sampling import Sampling
 from vlm.models.text_stream import Delta
 from vlm.models.vlm import VisionLanguageModel

@@ -293,3 +293,9 @@ def _checked_metadata(metadata: Mapping[str, str] | None, path: Path) -> dict[st
                 "serialise values first (e.g. json.dumps)"
             )
     return dict(metadata or {})
+
+
+def image_regions(dataset_path: Path) -> dict[str, list[dict]]:
+    """image id -> its regions ({x, y, w, h, phrase}: boxes, vlm.data.dataset_io); images without any are left out."""
+    rows = read_split(dataset_path, columns=["image_id", "regions"]).to_pylist()
+    return {row["image_id"]: row["regions"] for row in rows if row["regions"]}

@@ -18,7 +18,7 @@ from vlm.data.embeddings import Embeddings, gather
 from vlm.eval.scoring import score_captions, score_vqa
 from vlm.eval.slots import reads_grid_slots, slot_metrics, slots_right
 from vlm.models.vlm import VisionLanguageModel
-from vlm.train.stage2 import Task, with_embeddings
+from vlm.data.tasks import Task, with_embeddings
 
 
 def predict(model: VisionLanguageModel, embeddings: Embeddings, tasks: Sequence[Task], config: EvalConfig,

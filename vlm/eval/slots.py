@@ -20,7 +20,7 @@ from vlm.eval.scoring import score_vqa
 from vlm.models.empty_cells import slot_words
 from vlm.models.prompt import IGNORE_INDEX
 from vlm.models.vlm import VisionLanguageModel
-from vlm.train.align import grid_targets
+from vlm.models.grid_targets import grid_targets
 
 
 def reads_grid_slots(model: VisionLanguageModel) -> bool:

@@ -17,19 +17,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerBase
 
-if TYPE_CHECKING:
-    from vlm.config import LLMConfig
-
 IGNORE_INDEX = -100  # label value that cross-entropy skips
-
-
-def question_instruction(question: str, llm: LLMConfig) -> str:
-    """The user turn that asks `question` (training, evaluation and `ask` word it the same way)."""
-    return question + llm.question_suffix
 
 
 @dataclass(frozen=True)
