@@ -10,6 +10,7 @@ from vlm.data.synthetic import SceneObject, canvas_position
 from vlm.models.cell_labels import cell_names, labelled_slots
 
 SPARE = "count"
+from vlm.models.visual_block import VisualBlock
 from vlm.models.vlm import VisionLanguageModel
 
 
@@ -49,8 +50,7 @@ def test_the_visual_block_interleaves_label_words_and_queries_and_is_saved(tmp_p
     images, rows = image_embeds(2), [[model.prompt.example("Describe the image.", "a red circle")]] * 2
     with torch.no_grad():
         plain_loss = model(images, rows)
-    model.qformer.use_spatial_grid(2)  # 4 queries, one per cell of a 2 x 2 grid
-    model.use_cell_labels(True, SPARE)
+    model.set_visual_block(VisualBlock(grid=2, cell_labels=True, spare_label=SPARE))  # 4 queries, one per cell
     layout = labelled_slots(model.tokenizer, TINY_VLM_QUERIES, 2, SPARE)
     assert model.num_visual_tokens == len(layout) > TINY_VLM_QUERIES
     with torch.no_grad():

@@ -10,6 +10,7 @@ from test_vlm import greedy_without_cache
 
 from vlm.models.cell_labels import labelled_slots
 from vlm.models.empty_cells import EmptyCellRule
+from vlm.models.visual_block import VisualBlock
 from vlm.models.vlm import VisionLanguageModel
 
 NONE, RED, CIRCLE, OTHER = 0, 1, 2, 3  # token ids of a 4-word embedding table (one-hot rows)
@@ -43,9 +44,8 @@ def labelled_model(tmp_path: Path) -> VisionLanguageModel:
     """The tiny VLM on a 2 x 2 grid (a query per cell), with a rule whose 'none' is one of two words: random
     queries then name it about half the time, so images lose different cells."""
     model = tiny_vlm(tiny_vlm_folders(tmp_path), perturb_seed=1)
-    model.qformer.use_spatial_grid(2)
-    model.use_cell_labels(True, "count")
-    model.drop_empty_cells(EmptyCellRule(none_ids=(5,), vocab=(5, 6)))
+    model.set_visual_block(VisualBlock(grid=2, cell_labels=True, spare_label="count",
+                                       empty_cells=EmptyCellRule(none_ids=(5,), vocab=(5, 6))))
     return model
 
 

@@ -1,5 +1,6 @@
 """Slot accuracy (vlm/eval/slots.py): the visual tokens read back as words and scored against the scene."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,9 @@ from tiny_qformer import single_torch_thread  # noqa: F401 (autouse fixture)
 from vlm.data.embeddings import Embeddings
 from vlm.eval.slots import reads_grid_slots, slot_metrics, slots_right
 from vlm.models.empty_cells import EmptyCellRule
-from vlm.models.prompt import IGNORE_INDEX
 from vlm.models.grid_targets import grid_targets, phrase_ids
+from vlm.models.prompt import IGNORE_INDEX
+from vlm.models.visual_block import VisualBlock
 
 # a 2 x 2 grid, one query per cell: the red circle's cell names " red", the others " none"
 REGIONS = {"a": [{"x": 0.2, "y": 0.2, "w": 0.1, "h": 0.1, "phrase": "red circle"}],
@@ -21,14 +23,13 @@ REGIONS = {"a": [{"x": 0.2, "y": 0.2, "w": 0.1, "h": 0.1, "phrase": "red circle"
 def test_slots_that_name_the_scene_are_right_and_a_misnamed_one_is_not(tmp_path: Path, monkeypatch) -> None:
     model = tiny_vlm(tiny_vlm_folders(tmp_path))
     assert not reads_grid_slots(model)  # plain queries: nothing to read
-    model.qformer.use_spatial_grid(2)
-    model.use_cell_labels(True, "count")
+    model.set_visual_block(VisualBlock(grid=2, cell_labels=True, spare_label="count"))
     none_ids = tuple(phrase_ids(model.tokenizer, "none"))
     targets = grid_targets(model.tokenizer, REGIONS, TINY_VLM_QUERIES, 2, list(none_ids))
     assert TINY_VLM_QUERIES == 4 and IGNORE_INDEX not in sum(targets.values(), [])
     vocab = sorted(set(sum(targets.values(), [])))
     assert len(vocab) == 3  # " none" (unknown to the tiny tokenizer, but one id all the same), " red", " blue"
-    model.drop_empty_cells(EmptyCellRule(none_ids, tuple(vocab)))
+    model.set_visual_block(replace(model.visual, empty_cells=EmptyCellRule(none_ids, tuple(vocab))))
     assert reads_grid_slots(model)
     embedding = model.llm.get_input_embeddings().weight
     with torch.no_grad():  # the vocabulary's words one-hot, so a slot names exactly the word it is set to

@@ -26,7 +26,7 @@ from vlm import distributed
 from vlm.artifacts import atomic_directory
 from vlm.config import LoraConfig
 from vlm.models.cell_labels import labelled_slots
-from vlm.models.empty_cells import EmptyCellRule
+from vlm.models.visual_block import VisualBlock
 from vlm.models.greedy import TokenPicker, argmax, decode_steps, greedy_decode, mask_positions
 from vlm.models.packing import TRAIN_LENGTH_MULTIPLE, PackedRows, pack, turn_attention_mask
 from vlm.models.projector import Projector
@@ -38,22 +38,21 @@ from vlm.models.spatial_prior import query_cells
 STAGE1_ONLY = ("word_embeddings", "position_embeddings", "vision_proj", "text_proj", "itm_head", "lm_transform",
                "lm_bias", "temp")
 VLM_CONFIG = "vlm_config.json"
-LEGACY_SPARE_LABEL = "count"  # the spare queries' label in models saved before it was a param
 ADAPTER_SUBDIR, LLM_SUBDIR = "adapter", "llm"
 
 
 class VisionLanguageModel(nn.Module):
     def __init__(self, qformer: QFormer, projector: Projector, llm: PeftModel | PreTrainedModel, tokenizer,
-                 system_prompt: str, llm_source: str, cell_labels: bool = False,
-                 empty_cells: EmptyCellRule | None = None, spare_label: str = ""):
+                 system_prompt: str, llm_source: str, visual: VisualBlock | None = None):
+        """`visual`: the visual block's layout (vlm/models/visual_block.py); None: the Q-Former's queries as they
+        are, in a row."""
         super().__init__()
         self.qformer, self.projector, self.llm = qformer, projector, llm
         self.tokenizer = tokenizer
         self.prompt = ChatPrompt(tokenizer, system_prompt)
         self.llm_source = llm_source  # folder of the frozen base LLM, recorded so `load` can find it again
         self._freeze_stage1_heads()
-        self.use_cell_labels(cell_labels, spare_label)
-        self.drop_empty_cells(empty_cells)
+        self.set_visual_block(visual or VisualBlock(qformer.config.spatial_grid, qformer.config.spatial_width))
 
     # ------------------------------------------------------------------ construction
 
@@ -92,10 +91,9 @@ class VisionLanguageModel(nn.Module):
         projector = Projector(**config["projector"])
         projector.load_state_dict(load_file(model_dir / "projector.safetensors"))
         qformer = QFormer.load(model_dir / "qformer")
-        empty_cells = EmptyCellRule.from_dict(config["empty_cells"]) if config.get("empty_cells") else None
-        return cls(qformer, projector, llm, tokenizer, config["system_prompt"], config["llm_source"],
-                   cell_labels=config.get("cell_labels", False), empty_cells=empty_cells,
-                   spare_label=config.get("spare_label", LEGACY_SPARE_LABEL)).eval()
+        visual = (VisualBlock.from_dict(config["visual_block"]) if "visual_block" in config else
+                  VisualBlock.from_legacy_config(config, qformer.config.spatial_grid, qformer.config.spatial_width))
+        return cls(qformer, projector, llm, tokenizer, config["system_prompt"], config["llm_source"], visual).eval()
 
     def save(self, out_dir: Path) -> None:
         """Q-Former, projector and LoRA adapter (peft format) into one folder, atomically."""
@@ -123,9 +121,7 @@ class VisionLanguageModel(nn.Module):
                 shutil.copytree(self.llm_source, folder / LLM_SUBDIR)
         config = {"projector": self.projector.config(), "system_prompt": self.prompt.system_prompt,
                   "llm_source": LLM_SUBDIR if include_llm else self.llm_source,
-                  "lora": "merged" if merged else "adapter", "cell_labels": self.cell_labels,
-                  "spare_label": self.spare_label,
-                  "empty_cells": self.empty_cells.to_dict() if self.empty_cells else None}
+                  "lora": "merged" if merged else "adapter", "visual_block": self.visual.to_dict()}
         (folder / VLM_CONFIG).write_text(json.dumps(config, indent=2))
 
     def merge_lora(self) -> None:
@@ -162,37 +158,28 @@ class VisionLanguageModel(nn.Module):
             "frozen": count(self, False),
         }
 
-    def use_cell_labels(self, on: bool, spare_label: str = "") -> None:
-        """Put each grid cell's name in words before its visual tokens, and `spare_label` before the queries left
-        over (vlm/models/cell_labels.py); needs the Q-Former's spatial grid, as it is now (call after
-        `qformer.use_spatial_grid`)."""
-        grid = self.qformer.config.spatial_grid
-        if on and not grid:
-            raise ValueError("cell labels name the cells of the Q-Former's spatial grid, and it has none "
-                             "(train_vlm.grid.size: 0); set train_vlm.grid.cell_labels: false")
-        if on and not spare_label.strip():
-            raise ValueError("cell labels need a spare label, the words before the queries left over "
-                             "(train_vlm.grid.spare_label)")
-        self.spare_label = spare_label if on else ""
-        layout = labelled_slots(self.tokenizer, self.qformer.config.num_queries, grid, spare_label) if on else []
+    def set_visual_block(self, visual: VisualBlock) -> None:
+        """Lay the visual block out as `visual` says, all of it at once: the Q-Former's spatial grid, the cell labels
+        between the queries and the rule for leaving empty cells out (vlm/models/visual_block.py)."""
+        self.qformer.use_spatial_grid(visual.grid, visual.width)
+        self.visual = visual
+        on = visual.cell_labels
+        layout = labelled_slots(self.tokenizer, self.qformer.config.num_queries, visual.grid, visual.spare_label) \
+            if on else []
         # the label token ids and where the queries go in the visual block; empty: plain queries, no labels
         self._label_ids = torch.tensor([self.pad_id if t is None else t for t in layout], dtype=torch.long)
         self._is_query = torch.tensor([t is None for t in layout], dtype=torch.bool)
         # the grid cell of every position of the block (a label belongs to the queries after it; -1: no cell)
-        cells = query_cells(self.qformer.config.num_queries, grid) if on else []
+        cells = query_cells(self.qformer.config.num_queries, visual.grid) if on else []
         queries_before = (self._is_query.cumsum(0) - self._is_query.long()).tolist()
         self._position_cell = torch.tensor([-1 if cells[q] is None else cells[q] for q in queries_before],
                                            dtype=torch.long)
         self._query_cell = torch.tensor([-1 if c is None else c for c in cells], dtype=torch.long)
-        self.empty_cells = None  # a new layout: any rule for leaving cells out must be set again
 
-    def drop_empty_cells(self, rule: EmptyCellRule | None) -> None:
-        """Leave the cells whose slots all name " none" out of the visual block, label and slots
-        (vlm/models/empty_cells.py); None reads every cell. Needs the cell labels (call after `use_cell_labels`)."""
-        if rule is not None and not self.cell_labels:
-            raise ValueError("only labelled cells can be left out (the labels say which cells remain); set "
-                             "train_vlm.grid.cell_labels: true, or train_vlm.grid.drop_empty_cells: false")
-        self.empty_cells = rule
+    @property
+    def empty_cells(self):
+        """The rule that leaves empty cells out of the visual block (vlm/models/empty_cells.py), or None."""
+        return self.visual.empty_cells
 
     @property
     def cell_labels(self) -> bool:

@@ -38,6 +38,7 @@ from vlm.data.embeddings import Embeddings, available, gather
 from vlm.models.empty_cells import EmptyCellRule
 from vlm.models.prompt import IGNORE_INDEX
 from vlm.models.grid_targets import grid_targets, phrase_ids
+from vlm.models.visual_block import VisualBlock
 from vlm.models.vlm import VisionLanguageModel
 from vlm.train.checkpoint import Checkpointer
 from vlm.train.loop import train
@@ -95,10 +96,11 @@ def _batches(embeddings: Embeddings, targets: dict[str, list[int]], batch_size: 
             yield gather(embeddings, chunk).float(), torch.tensor([targets[i] for i in chunk])
 
 
-def use_grid(model: VisionLanguageModel, grid: GridConfig) -> None:
-    """Give the model's queries the grid's cells and, with `cell_labels`, its words (both saved with the model)."""
-    model.qformer.use_spatial_grid(grid.size, grid.width)
-    model.use_cell_labels(grid.cell_labels and grid.size > 0, grid.spare_label)
+def grid_block(grid: GridConfig) -> VisualBlock:
+    """The visual block the `train_vlm.grid` params ask for (saved with the model); its empty-cell rule comes
+    after the alignment, from what the queries learnt to name."""
+    labels = grid.cell_labels and grid.size > 0
+    return VisualBlock(grid.size, grid.width, labels, grid.spare_label if labels else "")
 
 
 def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_path: Path,
@@ -110,7 +112,7 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
     Returns the final (smoothed) losses and slot accuracy, prefixed `align_`."""
     align, grid = config.align, config.grid
     loop_config = replace(config, lr=align.lr, batch_size=align.batch_size, warmup_steps=align.warmup_steps)
-    use_grid(model, grid)
+    model.set_visual_block(grid_block(grid))
     empty_ids = phrase_ids(model.tokenizer, grid.empty_phrase)
     if align.target == "grid":
         targets = grid_targets(model.tokenizer, image_regions(dataset_path), model.qformer.config.num_queries,
@@ -162,5 +164,6 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
     learnt_empty = set(empty_ids) <= set(vocab.tolist())  # False when every training image fills every cell
     if grid.drop_empty_cells and align.target == "grid" and model.cell_labels and learnt_empty:
         # from here on, the cells whose slots all name the empty phrase are left out of the LLM's prompt
-        model.drop_empty_cells(EmptyCellRule(tuple(empty_ids), tuple(vocab.tolist())))
+        rule = EmptyCellRule(tuple(empty_ids), tuple(vocab.tolist()))
+        model.set_visual_block(replace(model.visual, empty_cells=rule))
     return {f"align_{name}": round(value, 4) for name, value in final.items()}
