@@ -5,13 +5,13 @@
 A LAYER is one block (-5) or several joined by commas (-9,-5: their tokens concatenated, as a list does in
 `backbone.layer`).
 
-For synthetic scenes, each image's labels are read from its captions: which colours and which shapes it shows
+For synthetic scenes, each image's labels are read from its captions: which colors and which shapes it shows
 (multi-label) and how many objects (from the count question). Features are an image's CLS token and its mean
 patch token, from block `layer` through the model's final norm (what `embed` caches for `backbone.layer`). A
 logistic-regression probe trains on the first 75% of the images and is scored on the rest: exact-set accuracy
-for colours and shapes, accuracy for the count. The probe is a lower bound on what a Q-Former can read (it sees
-pooled tokens, not where they are), but it ranks the blocks: DINOv2 learns invariance to colour jitter, so its
-last block forgets colour that its middle blocks still hold. This chose `backbone.layer`'s default.
+for colors and shapes, accuracy for the count. The probe is a lower bound on what a Q-Former can read (it sees
+pooled tokens, not where they are), but it ranks the blocks: DINOv2 learns invariance to color jitter, so its
+last block forgets color that its middle blocks still hold. This chose `backbone.layer`'s default.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ IMAGE_SIZE = 112  # params.yaml's backbone.image_size
 
 
 def scene_labels(row: dict) -> tuple[list[float], list[float], int]:
-    """(colour presence, shape presence, object count or -1) of a synthetic scene, read from its text."""
+    """(color presence, shape presence, object count or -1) of a synthetic scene, read from its text."""
     text = " ".join(row["captions"]).lower()
-    colours = [float(re.search(rf"\b{name}\b", text) is not None) for name in COLORS]
+    colors = [float(re.search(rf"\b{name}\b", text) is not None) for name in COLORS]
     shapes = [float(re.search(rf"\b{name}s?\b", text) is not None) for name in SHAPES]
     count = next((int(answers[0]) for question, answers in zip(row["questions"], row["answers"])
                   if question.startswith("how many objects")), -1)
-    return colours, shapes, count
+    return colors, shapes, count
 
 
 def pooled_features(backbone, images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:
@@ -86,13 +86,13 @@ def held_out_right(features: torch.Tensor, labels: torch.Tensor, train: int, mul
 
 def probe(vision_folder: Path, dataset: Path, layers: list[Layer], images: int, image_size: int = IMAGE_SIZE
           ) -> dict[Layer, dict[str, float]]:
-    """layer -> {"colour_set", "shape_set", "count"} held-out probe accuracies."""
+    """layer -> {"color_set", "shape_set", "count"} held-out probe accuracies."""
     from vlm.models.backbone import VisionBackbone
 
     rows = read_split(dataset, columns=["image", "captions", "questions", "answers"]).slice(0, images).to_pylist()
     pictures = [Image.open(io.BytesIO(row["image"])).convert("RGB") for row in rows]
     labels = [scene_labels(row) for row in rows]
-    colours = torch.tensor([label[0] for label in labels])
+    colors = torch.tensor([label[0] for label in labels])
     shapes = torch.tensor([label[1] for label in labels])
     counts = torch.tensor([max(label[2], 0) for label in labels])
     train = int(0.75 * len(rows))
@@ -100,7 +100,7 @@ def probe(vision_folder: Path, dataset: Path, layers: list[Layer], images: int, 
     for layer in layers:
         backbone = VisionBackbone.from_folder(vision_folder, image_size=image_size, layer=layer)
         features = pooled_features(backbone, pictures)
-        results[layer] = {"colour_set": probe_accuracy(features, colours, train, multilabel=True),
+        results[layer] = {"color_set": probe_accuracy(features, colors, train, multilabel=True),
                           "shape_set": probe_accuracy(features, shapes, train, multilabel=True),
                           "count": probe_accuracy(features, counts, train, multilabel=False)}
     return results
@@ -113,10 +113,10 @@ def main(argv: list[str]) -> None:
     results = probe(REPO_ROOT / "models" / "base" / "vision", REPO_ROOT / "data" / "dataset" / "train.parquet",
                     layers, images)
     print(f"linear probes on {images} training images (75% fit, 25% scored), {IMAGE_SIZE} px")
-    print("| backbone.layer | colours (exact set) | shapes (exact set) | object count |")
+    print("| backbone.layer | colors (exact set) | shapes (exact set) | object count |")
     print("|---|---|---|---|")
     for layer, scores in results.items():
-        print(f"| {layer_label(layer)} | {scores['colour_set']} | {scores['shape_set']} | {scores['count']} |")
+        print(f"| {layer_label(layer)} | {scores['color_set']} | {scores['shape_set']} | {scores['count']} |")
     print(json.dumps({layer_label(layer): scores for layer, scores in results.items()}))
 
 

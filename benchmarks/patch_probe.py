@@ -1,17 +1,17 @@
-"""Does each cached patch token know the colour of the object under it? A linear probe on single patch tokens.
+"""Does each cached patch token know the color of the object under it? A linear probe on single patch tokens.
 
     .venv/bin/python -m benchmarks.patch_probe [IMAGES]     # after `dvc repro embed` (default params)
 
 For synthetic scenes: every image of the training split is redrawn from its own pixels into a label map (each
-pixel -> the nearest of the background and the six object colours), cut into the backbone's patch grid, and each
-patch labelled with the colour covering most of it (background when objects cover under a quarter of it). A
+pixel -> the nearest of the background and the six object colors), cut into the backbone's patch grid, and each
+patch labelled with the color covering most of it (background when objects cover under a quarter of it). A
 logistic regression on the cached tokens of single patches (`data/embeddings/train`, i.e. `backbone.layer`) is fit
 on the patches of the first 75% of the images and scored on the rest: all patches, and the object patches alone.
 
 This is the upper end of the chain that the pooled probes of `benchmarks.layer_probe` start: what a Q-Former's
 cross-attention could read if it attended to the right patch. Measured on the default features (blocks 4 + 8,
 112 px, 800 images): 0.973 of the held-out object patches, 0.994 of all patches. What the visual tokens make of
-it is in docs/experiments/spatial-queries.md ("Where the colour is lost").
+it is in docs/experiments/spatial-queries.md ("Where the color is lost").
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ from vlm.data.synthetic import BACKGROUND, COLORS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PALETTE = np.array([BACKGROUND, *COLORS.values()], dtype=np.float32)  # label 0 = background, 1.. = COLORS order
-OBJECT_SHARE = 0.25  # a patch is labelled with an object's colour when that colour covers at least this share
+OBJECT_SHARE = 0.25  # a patch is labelled with an object's color when that color covers at least this share
 
 
 def patch_labels(image: Image.Image, grid: int, image_size: int) -> np.ndarray:
-    """[grid * grid] colour label of each patch (row-major, as the backbone orders its patch tokens)."""
+    """[grid * grid] color label of each patch (row-major, as the backbone orders its patch tokens)."""
     pixels = np.asarray(image.convert("RGB").resize((image_size, image_size), Image.Resampling.NEAREST),
                         dtype=np.float32)
-    labels = ((pixels[:, :, None, :] - PALETTE) ** 2).sum(-1).argmin(-1)  # nearest palette colour per pixel
+    labels = ((pixels[:, :, None, :] - PALETTE) ** 2).sum(-1).argmin(-1)  # nearest palette color per pixel
     patch = image_size // grid
     patches = labels.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
     result = np.zeros(grid * grid, dtype=np.int64)
@@ -78,7 +78,7 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(0)
     result = probe(REPO_ROOT / "data" / "dataset" / "train.parquet", REPO_ROOT / "data" / "embeddings" / "train",
                    images)
-    print(f"patch colour probe on {images} training images (75% fit, 25% scored): {json.dumps(result)}")
+    print(f"patch color probe on {images} training images (75% fit, 25% scored): {json.dumps(result)}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """DVC stage `embed`: run the frozen backbone ONCE over every split; store all tokens (fp16) as Parquet shards.
-Also embeds one blank image (the backbone's mean colour) for the blind baseline of `evaluate`.
+Also embeds one blank image (the backbone's mean color) for the blind baseline of `evaluate`.
 
 Run through `python -m vlm.launch` (VLM_NPROC=N for N processes). A rerun keeps the shards that are complete and
 still match (see vlm/embed.py), so an interrupted run resumes where it stopped.

@@ -133,12 +133,12 @@ def test_open_clip_folder_loads_at_other_sizes_without_registry(tiny_open_clip_n
 
 def test_preprocess_resizes_and_normalises(tmp_path: Path) -> None:
     backbone = VisionBackbone.from_folder(_save_hf_folder(_tiny_dinov2(), tmp_path / "vision"), image_size=40)
-    colour = (255, 51, 0)
-    images = [Image.new("RGB", (70, 20), colour), Image.new("L", (5, 9), 102)]  # any size, grey converts to RGB
+    color = (255, 51, 0)
+    images = [Image.new("RGB", (70, 20), color), Image.new("L", (5, 9), 102)]  # any size, grey converts to RGB
     pixels = backbone.preprocess(images)
     assert pixels.shape == (2, 3, 40, 40) and pixels.dtype == torch.float32
     for channel in range(3):
-        expected_rgb = (colour[channel] / 255 - MEAN[channel]) / STD[channel]
+        expected_rgb = (color[channel] / 255 - MEAN[channel]) / STD[channel]
         expected_grey = (102 / 255 - MEAN[channel]) / STD[channel]
         torch.testing.assert_close(pixels[0, channel], torch.full((40, 40), expected_rgb))
         torch.testing.assert_close(pixels[1, channel], torch.full((40, 40), expected_grey))

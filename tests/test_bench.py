@@ -179,8 +179,8 @@ def test_layer_probe_labels_are_the_scene_truth() -> None:
         rng = image_rng(7, index)
         scene = sample_scene(rng, 1, 4)
         record = scene_record(scene, rng, f"x-{index}", 32)
-        colours, shapes, count = scene_labels(record)
-        assert colours == [float(any(o.color == c for o in scene.objects)) for c in COLORS]
+        colors, shapes, count = scene_labels(record)
+        assert colors == [float(any(o.color == c for o in scene.objects)) for c in COLORS]
         assert shapes == [float(any(o.shape == s for o in scene.objects)) for s in SHAPES]
         assert count in (-1, len(scene.objects))
 
@@ -209,24 +209,24 @@ def test_layer_probe_runs_each_layer_of_a_tiny_backbone(tmp_path: Path) -> None:
                     image_size=VISION_IMAGE_SIZE)
     assert set(results) == {-2, -1, (-2, -1)}
     for scores in results.values():
-        assert set(scores) == {"colour_set", "shape_set", "count"}
+        assert set(scores) == {"color_set", "shape_set", "count"}
         assert all(0.0 <= value <= 1.0 for value in scores.values())
 
 
 # ------------------------------------------------------------------------------------------- patch probe
 
 
-def test_patch_probe_labels_each_patch_with_the_colour_under_it() -> None:
+def test_patch_probe_labels_each_patch_with_the_color_under_it() -> None:
     from benchmarks.patch_probe import patch_labels
     from vlm.data.synthetic import COLORS, Scene, SceneObject, render_scene
 
-    colours = list(COLORS)
+    colors = list(COLORS)
     # A large square centred on patch (1, 1) of a 4 x 4 grid (its centre at 3/8 of the canvas both ways), and a
     # small circle centred on patch (3, 2).
     scene = Scene((SceneObject("green", "square", "large", 0.375, 0.375),
                    SceneObject("purple", "circle", "small", 0.625, 0.875)))
     labels = patch_labels(render_scene(scene, 224), grid=4, image_size=112).reshape(4, 4)
-    assert labels[1, 1] == 1 + colours.index("green")
-    assert labels[3, 2] == 1 + colours.index("purple")
+    assert labels[1, 1] == 1 + colors.index("green")
+    assert labels[3, 2] == 1 + colors.index("purple")
     assert labels[0, 3] == 0 and labels[3, 0] == 0  # corners far from both objects: background
-    assert set(labels.flatten().tolist()) == {0, 1 + colours.index("green"), 1 + colours.index("purple")}
+    assert set(labels.flatten().tolist()) == {0, 1 + colors.index("green"), 1 + colors.index("purple")}

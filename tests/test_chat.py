@@ -28,7 +28,7 @@ from vlm.models.prompt import IGNORE_INDEX
 from vlm.models.sampling import Sampling
 from vlm.models.text_stream import Delta, TextStream
 
-QUESTIONS = ["describe the image.", "how many objects are there?", "what colour is the circle?"]
+QUESTIONS = ["describe the image.", "how many objects are there?", "what color is the circle?"]
 
 
 @pytest.fixture(scope="module")

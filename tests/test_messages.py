@@ -35,11 +35,11 @@ def test_a_conversation_with_history_system_prompt_and_image() -> None:
         {"role": "system", "content": "answer briefly."},
         user("what is this?", data_url(png())),
         {"role": "assistant", "content": "a red square"},
-        {"role": "user", "content": "and its colour?"},
+        {"role": "user", "content": "and its color?"},
         {"role": "user", "content": [{"type": "text", "text": "one word."}]},
     ])
     assert conversation.system == "answer briefly."
-    assert conversation.turns == (("what is this?", "a red square"), ("and its colour?\none word.", None))
+    assert conversation.turns == (("what is this?", "a red square"), ("and its color?\none word.", None))
     assert conversation.image.size == (8, 8) and conversation.image.getpixel((0, 0)) == (255, 0, 0)
     assert parse_messages([user("hi")]).system is None  # the trained system prompt stays
 

@@ -150,7 +150,7 @@ SPLIT_SIZES = {"train": 4, "val": 1, "test": 2}
 
 
 def llava_dataset(raw: Path) -> dict[str, object]:
-    """LLaVA files (train as a JSON list, val and test as JSONL) of conversations about tiny coloured squares, and
+    """LLaVA files (train as a JSON list, val and test as JSONL) of conversations about tiny colored squares, and
     a text-only record; the data params that read them."""
     folder = raw / "llava"
     for split, count in SPLIT_SIZES.items():

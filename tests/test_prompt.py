@@ -8,7 +8,7 @@ from tiny_models import IM_END, TINY_VLM_SYSTEM_PROMPT, tiny_llm_tokenizer
 from vlm.models.packing import pack
 from vlm.models.prompt import IGNORE_INDEX, ChatPrompt
 
-TURNS = [("what colour is the circle?", "red"), ("how many objects are there?", "two objects"),
+TURNS = [("what color is the circle?", "red"), ("how many objects are there?", "two objects"),
          ("describe the image.", "a red circle left of a blue square")]
 
 
@@ -67,7 +67,7 @@ def test_bad_conversations_are_refused(prompt: ChatPrompt) -> None:
     with pytest.raises(ValueError, match="at least one user turn"):
         prompt.conversation([])
     with pytest.raises(ValueError, match="only the last turn"):
-        prompt.conversation([("describe the image.", None), ("what colour is the circle?", None)])
+        prompt.conversation([("describe the image.", None), ("what color is the circle?", None)])
 
 
 def test_plain_layout_without_a_chat_template() -> None:

@@ -64,7 +64,7 @@ def tiny_bert(directory: Path, seed: int = 0) -> Path:
 def _llm_corpus() -> list[str]:
     """Every text the LLM sees in tests: synthetic captions, questions and answers, the prompts, chat roles."""
     texts = ["system user assistant"]
-    for index in range(200):  # enough scenes to hit every colour, shape, relation and count
+    for index in range(200):  # enough scenes to hit every color, shape, relation and count
         rng = image_rng(0, index)
         scene = sample_scene(rng)
         texts += write_captions(scene, rng)

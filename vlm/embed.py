@@ -110,7 +110,7 @@ def made_with(backbone: VisionBackbone, precision: str) -> dict[str, str]:
 
 
 def blank_image(backbone: VisionBackbone) -> Image.Image:
-    """A constant image of the backbone's mean pixel colour: after normalisation, all zeros. It shows nothing, so
+    """A constant image of the backbone's mean pixel color: after normalisation, all zeros. It shows nothing, so
     its tokens stand in for the image in the blind baseline (what the model answers from the text alone)."""
     color = tuple(round(255 * value) for value in backbone.image_mean)
     return Image.new("RGB", (backbone.image_size, backbone.image_size), color)

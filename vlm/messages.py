@@ -4,7 +4,7 @@
      {"role": "user", "content": [{"type": "text", "text": "what is this?"},
                                   {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]},
      {"role": "assistant", "content": "a red circle"},
-     {"role": "user", "content": "and its colour?"}]
+     {"role": "user", "content": "and its color?"}]
 
 The model reads one image, as one visual block between the system prompt and the first user turn (README,
 "How it works"), so a conversation holds at most one image, wherever its message put it (a client that sends

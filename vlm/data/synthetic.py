@@ -1,10 +1,10 @@
-"""The default dataset: synthetic scenes of coloured shapes, with captions and VQA pairs.
+"""The default dataset: synthetic scenes of colored shapes, with captions and VQA pairs.
 
 It exists so that the whole pipeline can be built, tested and demonstrated without downloading
 anything. Every image is drawn from a seed, so the same seed always gives byte-identical files.
 
-A scene holds 1-4 non-overlapping objects on a plain light background. Each object has a colour,
-a shape and a size, and no two objects in one scene share (colour, shape), so "the red circle" always
+A scene holds 1-4 non-overlapping objects on a plain light background. Each object has a color,
+a shape and a size, and no two objects in one scene share (color, shape), so "the red circle" always
 names exactly one object. Captions and questions are computed from the scene description, never from
 pixels, and relations such as "left of" are only stated when the object centres are clearly apart,
 so every text is unambiguous and a model can in principle reach 100% accuracy.
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-# Strongly distinct, saturated colours; all contrast with the light background.
+# Strongly distinct, saturated colors; all contrast with the light background.
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 150, 50),
@@ -84,12 +84,12 @@ class SceneObject:
 
     @property
     def name(self) -> str:
-        """Colour and shape, e.g. "red circle"; unique within a scene."""
+        """Color and shape, e.g. "red circle"; unique within a scene."""
         return f"{self.color} {self.shape}"
 
     @property
     def full_name(self) -> str:
-        """Size, colour and shape, e.g. "large red circle"."""
+        """Size, color and shape, e.g. "large red circle"."""
         return f"{self.size} {self.name}"
 
 
@@ -109,7 +109,7 @@ class QuestionAnswer:
 
 
 def sample_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: int = MAX_OBJECTS) -> Scene:
-    """Draw a scene of min_objects..max_objects objects with distinct (colour, shape) and no overlap."""
+    """Draw a scene of min_objects..max_objects objects with distinct (color, shape) and no overlap."""
     count = int(rng.integers(min_objects, max_objects + 1))
     combinations = [(color, shape) for color in COLORS for shape in SHAPES]
     picked = rng.choice(len(combinations), size=count, replace=False)
@@ -291,7 +291,7 @@ def _color_question(scene: Scene, rng: np.random.Generator) -> QuestionAnswer | 
 
 
 def _shape_question(scene: Scene, rng: np.random.Generator) -> QuestionAnswer | None:
-    """ "what shape is the red object?" -- only for a colour that occurs once."""
+    """ "what shape is the red object?" -- only for a color that occurs once."""
     color_counts = Counter(obj.color for obj in scene.objects)
     candidates = [obj for obj in scene.objects if color_counts[obj.color] == 1]
     if not candidates:

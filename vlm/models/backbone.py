@@ -199,7 +199,7 @@ class VisionBackbone(nn.Module):
         The tokens are block `self.layer`'s output (-1: the last block), normalised the way the model normalises
         its last block's output (DINOv2/ViT `layernorm`, open_clip `ln_post`; CLIP's HF towers have none), as
         DINOv2's `get_intermediate_layers(norm=True)` does. With several blocks, their tokens are concatenated
-        along the width ([B, T, D * blocks]): a middle block still knows colours that the last has learnt to
+        along the width ([B, T, D * blocks]): a middle block still knows colors that the last has learnt to
         ignore, while the later one knows shapes better (docs/experiments/backbone-layer.md). The pixels move to the
         backbone's device (`preprocess` makes them on the CPU), so callers need not."""
         pixel_values = pixel_values.to(next(self.parameters()).device)

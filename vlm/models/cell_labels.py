@@ -2,7 +2,7 @@
 
 With the spatial grid (vlm/models/spatial_prior.py) the queries of each cell name the object there, but where the
 cell lies is only the queries' rank in the visual block, and a short CPU stage 2 did not teach the LLM to read
-an unlabelled grid: the answers got colours wrong that the slots named right. With `train_vlm.grid.cell_labels`
+an unlabelled grid: the answers got colors wrong that the slots named right. With `train_vlm.grid.cell_labels`
 the visual block reads like a list of places and what is there, in the captions' own words
 (docs/experiments/cell-labels.md; spatial relations stayed at chance):
 

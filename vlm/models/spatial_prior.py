@@ -4,7 +4,7 @@ from the alignment on; 0 = off, BLIP-2's queries, which all start out looking at
 is part of the Q-Former's saved config (`QFormerConfig.spatial_grid`).
 
 Why: within a CPU run's few hundred steps the Q-Former's cross-attention never learns to read one object's patches
-(docs/experiments/spatial-queries.md), although a linear probe reads each patch's colour and its row and
+(docs/experiments/spatial-queries.md), although a linear probe reads each patch's color and its row and
 column off the cached tokens. With the bias, query q reads its own region from the first step, so the
 alignment can ask it to name what lies there (`train_vlm.align.target: grid`). The bias is a Gaussian in patch
 distance, added to the attention logits; the content term (query . key) still decides within the region and can
@@ -13,7 +13,7 @@ G = 3). A wider look sees much of the neighbouring cells, and the slots then mis
 (docs/experiments/grid-width.md).
 
 Queries are dealt out cell by cell, row-major: with 32 queries and G = 3, queries 3c, 3c+1, 3c+2 belong to cell c
-(one per word of "size colour shape"), and the 5 left over (32 - 27) get the image centre; the grid alignment has
+(one per word of "size color shape"), and the 5 left over (32 - 27) get the image centre; the grid alignment has
 them name the number of objects.
 """
 

@@ -24,7 +24,7 @@ def image_texts(dataset_path: Path, texts: str = "captions") -> tuple[list[str],
 
     `texts` "captions": each image's captions, or for an image without any the first reply of each of its
     conversations (`vlm.data.dataset_io.captions_or_replies`); "questions": each of its questions followed by its
-    first answer ("what colour is the heart? teal"), for data without captions. Images with no such text are left
+    first answer ("what color is the heart? teal"), for data without captions. Images with no such text are left
     out and counted."""
     if texts == "captions":
         image_ids, per_image = captions_or_replies(dataset_path)
