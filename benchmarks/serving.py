@@ -3,7 +3,8 @@
 A real server on loopback (`vlm.serve.app` with its batching scheduler, uvicorn on a thread of this process) and
 real HTTP clients (threads, one blocking connection per request, non-streaming, greedy). The requests are chat
 completions with a synthetic scene as a base64 PNG data URL and a caption prompt or one of the scene's questions,
-each with the same max_tokens. The concurrent side comes first: all `requests` requests from `clients` threads at
+each with the same max_tokens. After a warm-up (a burst of `clients` requests, then one alone, so that neither
+side pays first-call costs) the concurrent side comes first: all `requests` requests from `clients` threads at
 once, so they queue and the scheduler decodes up to `clients` of them per batch. Then the same requests one at a
 time (each waits for the last reply), stopping after `time_limit_s`, which bounds the run on a slow machine; each
 side's rate is its own completion tokens over its own wall time. Latency is per request, from sending it to the
@@ -97,12 +98,14 @@ def run(assistant, requests: int, clients: int = 16, max_tokens: int = 16, time_
     bodies = request_bodies(requests, max_tokens, image_size)
     scheduler = BatchScheduler(assistant, max_batch=clients, gather_s=gather_s)
     with BackgroundServer(create_app(scheduler, MODEL_ID)) as server:
-        send(server.url, bodies[0])  # warm-up: first-call costs (allocations, lazy imports) on neither side
-        before = scheduler.stats()
-        start = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
+            # Warm-up, a burst and one alone: first-call costs (allocations at each batch shape) on neither side.
+            list(pool.map(lambda body: send(server.url, body), bodies[-clients:]))
+            send(server.url, bodies[0])
+            before = scheduler.stats()
+            start = time.perf_counter()
             concurrent = list(pool.map(lambda body: send(server.url, body), bodies))
-        concurrent_s = time.perf_counter() - start
+            concurrent_s = time.perf_counter() - start
         after = scheduler.stats()
         single: list[Answer] = []
         start = time.perf_counter()
