@@ -28,15 +28,15 @@ class Sizes:
     memory_n: int        # benchmark 5 embeds N and 4N images
     serving_requests: int   # benchmark 7: chat requests per side (one at a time: at most SERVING_TIME_LIMIT_S)
     serving_clients: int
-    serving_max_tokens: int
+    serving_toy_tokens: bool  # captions and answers of at most 4 and 2 tokens, not params.yaml's eval limits
 
 
 # 512 images: one full shard of the embed stage, so its fixed costs (weights fingerprint, file footers) weigh as
 # little as in a real split; 3 repetitions: this VM's speed drifts by tens of percent from run to run.
 FULL = Sizes(images=512, repeats=3, qformer_steps=3, vlm_steps=24, generation_images=16, memory_n=64,
-             serving_requests=32, serving_clients=16, serving_max_tokens=16)
+             serving_requests=32, serving_clients=16, serving_toy_tokens=False)
 QUICK = Sizes(images=16, repeats=1, qformer_steps=1, vlm_steps=1, generation_images=2, memory_n=4,
-              serving_requests=8, serving_clients=4, serving_max_tokens=4)
+              serving_requests=8, serving_clients=4, serving_toy_tokens=True)
 SERVING_TIME_LIMIT_S = 60.0  # the one-at-a-time side of benchmark 7 stops sending after this
 
 
@@ -75,9 +75,11 @@ def main() -> None:
         "embed_memory": lambda: [embed_memory.run(ws.models / "vision", sizes.memory_n)],
         "incremental": incremental.run,
         "serving": lambda: [serving.run(serving.build_assistant(ws, vlm_dir), sizes.serving_requests,
-                                        sizes.serving_clients, sizes.serving_max_tokens, SERVING_TIME_LIMIT_S,
+                                        sizes.serving_clients, *serving_tokens, SERVING_TIME_LIMIT_S,
                                         ws.params.data.image_size)],
     }
+    serving_tokens = ((4, 2) if sizes.serving_toy_tokens
+                      else (ws.params.eval.max_new_tokens, ws.params.eval.max_answer_tokens))
     figures = []
     started = time.perf_counter()
     try:

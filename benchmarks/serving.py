@@ -3,7 +3,8 @@
 A real server on loopback (`vlm.serve.app` with its batching scheduler, uvicorn on a thread of this process) and
 real HTTP clients (threads, one blocking connection per request, non-streaming, greedy). The requests are chat
 completions with a synthetic scene as a base64 PNG data URL and a caption prompt or one of the scene's questions,
-each with the same max_tokens. After a warm-up (a burst of `clients` requests, then one alone, so that neither
+with the pipeline's own length limits (params.yaml's eval.max_new_tokens for a caption, eval.max_answer_tokens for
+an answer) as max_tokens. After a warm-up (a burst of `clients` requests, then one alone, so that neither
 side pays first-call costs) the concurrent side comes first: all `requests` requests from `clients` threads at
 once, so they queue and the scheduler decodes up to `clients` of them per batch. Then the same requests one at a
 time (each waits for the last reply), stopping after `time_limit_s`, which bounds the run on a slow machine; each
@@ -46,12 +47,16 @@ class Answer:
     text: str
 
 
-def request_bodies(count: int, max_tokens: int, image_size: int, seed: int = 0) -> list[dict]:
-    """`count` chat requests, one synthetic scene each: even ones ask for a caption, odd ones a question."""
+def request_bodies(count: int, caption_tokens: int, answer_tokens: int, image_size: int, seed: int = 0
+                   ) -> list[dict]:
+    """`count` chat requests, one synthetic scene each: even ones ask for a caption (at most `caption_tokens`),
+    odd ones one of its questions (at most `answer_tokens`)."""
     bodies = []
     for index, record in enumerate(generate_records(seed, count, image_size, id_prefix="serve")):
         url = "data:image/png;base64," + base64.b64encode(record["image"]).decode()
-        text = CAPTION_PROMPT if index % 2 == 0 else record["questions"][0]
+        caption = index % 2 == 0
+        text = CAPTION_PROMPT if caption else record["questions"][0]
+        max_tokens = caption_tokens if caption else answer_tokens
         bodies.append({"model": MODEL_ID, "max_tokens": max_tokens, "temperature": 0,
                        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                                  {"type": "text", "text": text}]}]})
@@ -90,12 +95,13 @@ def build_assistant(ws: Workspace, vlm_dir: Path | None):
     return Assistant(ws.backbone, load_model(ws, vlm_dir), ws.params.llm, ws.params.eval)
 
 
-def run(assistant, requests: int, clients: int = 16, max_tokens: int = 16, time_limit_s: float = 120.0,
-        image_size: int = 224, gather_s: float = 0.02) -> Figure:
-    """`assistant`: a `vlm.assistant.Assistant` (the trained model, or a tiny one in the tests)."""
+def run(assistant, requests: int, clients: int = 16, caption_tokens: int = 48, answer_tokens: int = 8,
+        time_limit_s: float = 120.0, image_size: int = 224, gather_s: float = 0.02) -> Figure:
+    """`assistant`: a `vlm.assistant.Assistant` (the trained model, or a tiny one in the tests); the token limits
+    are params.yaml's eval.max_new_tokens and eval.max_answer_tokens in `make bench`."""
     if requests < clients:
         raise ValueError(f"requests ({requests}) must be at least clients ({clients}) to keep every client busy")
-    bodies = request_bodies(requests, max_tokens, image_size)
+    bodies = request_bodies(requests, caption_tokens, answer_tokens, image_size)
     scheduler = BatchScheduler(assistant, max_batch=clients, gather_s=gather_s)
     with BackgroundServer(create_app(scheduler, MODEL_ID)) as server:
         with ThreadPoolExecutor(clients) as pool:
@@ -123,7 +129,8 @@ def run(assistant, requests: int, clients: int = 16, max_tokens: int = 16, time_
     batches = after.batches - before.batches
     return Figure(
         key="serving", title="7 serve tokens/s: 16 clients / one at a time", value=value, goal=GOAL,
-        details={"requests": requests, "clients": clients, "max_tokens": max_tokens,
+        details={"requests": requests, "clients": clients, "caption_tokens": caption_tokens,
+                 "answer_tokens": answer_tokens,
                  "single_requests": len(single), "concurrent_s": concurrent_s, "single_s": single_s,
                  "concurrent_tokens": concurrent_tokens, "single_tokens": single_tokens,
                  "concurrent_tokens_per_s": concurrent_tokens / concurrent_s,
@@ -134,7 +141,7 @@ def run(assistant, requests: int, clients: int = 16, max_tokens: int = 16, time_
                  "single_p50_s": percentile(single_latency, 50), "single_p95_s": percentile(single_latency, 95),
                  "batches": batches, "mean_batch": requests / max(batches, 1),
                  "largest_batch": after.largest_batch, "identical_outputs": same},
-        note=f"{concurrent_tokens / concurrent_s:.0f} vs {single_tokens / single_s:.0f} tok/s ({requests} requests of "
-             f"<= {max_tokens} tokens, {clients} clients, {batches} batches; one at a time: {len(single)} requests); "
+        note=f"{concurrent_tokens / concurrent_s:.0f} vs {single_tokens / single_s:.0f} tok/s ({requests} requests, "
+             f"captions <= {caption_tokens} and answers <= {answer_tokens} tokens, {clients} clients, {batches} batches; one at a time: {len(single)} requests); "
              f"p50/p95 latency {percentile(concurrent_latency, 50):.2f}/{percentile(concurrent_latency, 95):.2f} s vs "
              f"{percentile(single_latency, 50):.2f}/{percentile(single_latency, 95):.2f} s; {same:.0%} identical")
