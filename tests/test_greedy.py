@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from vlm.models.greedy import greedy_decode
+from vlm.models.greedy import decode_steps, greedy_decode
 
 EOS, PAD, VOCAB = 0, 99, 100
 
@@ -79,3 +79,17 @@ def test_the_length_limit_cuts_a_row_that_never_ends() -> None:
     assert len(calls) == 3
     with pytest.raises(ValueError, match="max_new_tokens"):
         decode([[5]], max_new_tokens=0, left_pad=[0])
+
+
+def test_rows_leave_at_their_own_limit_or_when_their_caller_stops_them() -> None:
+    scripts = [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]
+    llm, cache = ScriptedLLM(scripts), ScriptedCache(3, 3)
+    ids, mask = torch.full((3, 5), 7), torch.ones(3, 5, dtype=torch.long)
+    stop = torch.zeros(3, dtype=torch.bool)
+    seen = []
+    for rows, tokens in decode_steps(llm, ids, mask, cache, [4, 2, 4], EOS, stop=stop):
+        seen.append(dict(zip(rows.tolist(), tokens.tolist())))
+        if 14 in tokens.tolist():
+            stop[2] = True  # row 2's caller has what it wants after its second token
+    assert seen == [{0: 5, 1: 9, 2: 13}, {0: 6, 1: 10, 2: 14}, {0: 7}, {0: 8}]
+    assert [call["rows"] for call in llm.calls] == [[0, 1, 2], [0, 1, 2], [0], [0]]

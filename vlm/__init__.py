@@ -3,7 +3,8 @@
 Frozen image backbone -> cached patch embeddings -> Q-Former -> MLP projector -> frozen LLM + LoRA.
 
 `vlm.load(folder)` loads a model written by `vlm export` and returns an object that captions PIL images
-(`.caption(image)`) and answers questions about them (`.ask(image, question)`).
+(`.caption(image)`), answers questions about them (`.ask(image, question)`) and chats about one
+(`.chat(messages)`, OpenAI-style messages; `.chat_stream`, `.stream_batch`).
 """
 
 from __future__ import annotations

@@ -144,26 +144,33 @@ class Assistant:
 
     def fit(self, conversation: Conversation, max_tokens: int) -> tuple[Conversation, int]:
         """(the conversation whose prompt leaves `max_tokens` of the LLM's context for the reply, how many of its
-        oldest turns were dropped for that). Without `drop_oldest`, or when even the last user turn alone does
-        not fit, raises ContextError with the numbers."""
+        oldest turns were dropped for that: the fewest that make it fit). Without `drop_oldest`, or when even the
+        last user turn alone does not fit, raises ContextError with the numbers."""
         context = self.context
-        dropped = 0
-        while True:
-            tokens = self.count_prompt_tokens(conversation)
-            if context is None or tokens + max_tokens <= context:
-                break
-            if not self.drop_oldest or len(conversation.turns) == 1:
-                hint = ("drop older turns, shorten the messages or ask for fewer max_tokens" if not self.drop_oldest
-                        else "shorten the last message or ask for fewer max_tokens")
-                raise ContextError(f"the prompt takes {tokens} tokens and the reply may take {max_tokens}: "
-                                   f"{tokens + max_tokens} in all, over the LLM's context of {context} tokens"
-                                   f"{f' (after dropping the {dropped} oldest turns)' if dropped else ''}; {hint}",
-                                   tokens, max_tokens, context)
-            conversation, dropped = conversation.without_oldest(1), dropped + 1
-        if dropped:
-            log.warning("dropped the %d oldest turn(s) of a conversation to fit the LLM's context of %d tokens",
-                        dropped, context)
-        return conversation, dropped
+
+        def fits(dropped: int) -> bool:
+            return self.count_prompt_tokens(conversation.without_oldest(dropped)) + max_tokens <= context
+
+        if context is None or fits(0):
+            return conversation, 0
+        last = len(conversation.turns) - 1  # the most turns that can go: all but the last user turn
+        if not self.drop_oldest or not fits(last):
+            dropped = last if self.drop_oldest else 0
+            tokens = self.count_prompt_tokens(conversation.without_oldest(dropped))
+            hint = ("shorten the last message or ask for fewer max_tokens" if self.drop_oldest else
+                    "drop older turns (or let the assistant drop them: drop_oldest), shorten the messages or ask for "
+                    "fewer max_tokens")
+            raise ContextError(f"the prompt takes {tokens} tokens and the reply may take {max_tokens}: "
+                               f"{tokens + max_tokens} in all, over the LLM's context of {context} tokens"
+                               + (" (with only the last turn left)" if dropped else "") + f"; {hint}",
+                               tokens, max_tokens, context)
+        low, high = 0, last  # fits(high), not fits(low): fewer turns, fewer tokens
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if fits(middle) else (middle, high)
+        log.warning("dropped the %d oldest turn(s) of a conversation to fit the LLM's context of %d tokens",
+                    high, context)
+        return conversation.without_oldest(high), high
 
     def _chat_images(self, conversations: Sequence[Conversation]) -> torch.Tensor:
         """[B, T, D] backbone tokens of each conversation's image (zeros where it has none: left out later)."""

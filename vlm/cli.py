@@ -1,4 +1,4 @@
-"""`vlm` command line: caption images or ask questions about them with the trained model; export it.
+"""`vlm` command line: caption images, ask questions about them or chat about one with the trained model; export it.
 
 Run from the repository root after `dvc repro`: the model comes from models/vlm, the frozen backbone from
 models/base/vision, and prompts and image size from params.yaml (the same ones training used). `--model` may also
@@ -8,6 +8,7 @@ name a folder written by `vlm export`, which holds all of that itself.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -61,6 +62,81 @@ def ask(image: Path = typer.Argument(..., help="image file"),
         params_file: Path = ParamsOption, model_dir: Path = ModelOption) -> None:
     """Answer a question about an image."""
     typer.echo(_assistant(params_file, model_dir).ask(_open_image(image), question, beams))
+
+
+CHAT_HELP = "Type a message and Enter. /image PATH: another image (new conversation); /reset: forget the " \
+            "conversation; /quit: leave (so does end of input)."
+
+
+@app.command()
+def chat(image: Path = typer.Argument(..., help="image file to talk about"),
+         temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy; higher = more varied"),
+         top_p: float = typer.Option(1.0, "--top-p", help="sample among the likeliest tokens up to this probability"),
+         max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="most tokens per reply"),
+         seed: int | None = typer.Option(None, "--seed", help="seed for sampling (same seed, same replies)"),
+         drop_oldest: bool = typer.Option(False, "--drop-oldest/--no-drop-oldest",
+                                          help="when the conversation outgrows the LLM's context, forget its oldest "
+                                               "turns (said each time) instead of refusing the message"),
+         params_file: Path = ParamsOption, model_dir: Path = ModelOption) -> None:
+    """Chat about an image in the terminal: each line read is a user turn, answered with the conversation so far.
+    Commands: /image PATH, /reset, /quit. Reads standard input, so a file of lines can be piped in."""
+    from vlm.messages import ContextError, Conversation, MessageError
+    from vlm.models.sampling import Sampling
+
+    try:
+        sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    picture = _open_image(image)
+    assistant = _assistant(params_file, model_dir)
+    assistant.drop_oldest = drop_oldest
+    turns: list[tuple[str, str]] = []
+    typer.echo(CHAT_HELP)
+    while True:
+        typer.echo("> ", nl=False)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            typer.echo()
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, argument = text.partition(" ")
+            if command in ("/quit", "/exit"):
+                break
+            if command == "/reset":
+                turns = []
+                typer.echo("(conversation forgotten)")
+            elif command == "/image" and argument.strip():
+                try:
+                    picture = _open_image(Path(argument.strip()))
+                except typer.BadParameter as error:
+                    typer.echo(f"error: {error.message}", err=True)
+                    continue
+                turns = []
+                typer.echo(f"(new image {argument.strip()}: a new conversation)")
+            else:
+                typer.echo(f"unknown command {text!r}. {CHAT_HELP}", err=True)
+            continue
+        try:
+            conversation, dropped = assistant.fit(Conversation(None, picture, (*turns, (text, None))), max_tokens)
+            pieces = assistant.chat_stream(conversation, sampling)
+        except MessageError as error:
+            hint = ""
+            if isinstance(error, ContextError):
+                hint = " (/reset starts over; --drop-oldest forgets old turns instead)"
+            typer.echo(f"error: {error}{hint}", err=True)
+            continue
+        if dropped:
+            turns = turns[dropped:]
+            typer.echo(f"(forgot the {dropped} oldest turn(s) to fit the model's context)")
+        reply = ""
+        for piece in pieces:
+            typer.echo(piece, nl=False)
+            reply += piece
+        typer.echo()
+        turns.append((text, reply))
 
 
 @app.command()

@@ -162,9 +162,11 @@ def model_card(name: str, config: dict[str, Any], model: VisionLanguageModel, pr
         'image = Image.open("photo.png")',
         "print(model.caption(image))",
         'print(model.ask(image, "how many objects are there?"))',
+        'print(model.chat([{"role": "user", "content": [{"type": "image", "image": image},',
+        '                                               {"type": "text", "text": "what is in the image?"}]}]))',
         "```",
         "",
-        f"or from the shell: `vlm caption photo.png --model {name}`.",
+        f"or from the shell: `vlm caption photo.png --model {name}`, `vlm chat photo.png --model {name}`.",
         "",
     ]
     return "\n".join(lines)

@@ -2,10 +2,12 @@
 before stop strings.
 
 Each token's text depends on its neighbours (a byte-level BPE token may hold half a UTF-8 character; word-piece
-and sentencepiece tokenizers decide spaces by what follows), so the stream decodes the whole reply so far and
-hands out what it had not: text that ends in an unfinished character (U+FFFD) waits for the next token. What is
-handed out is never taken back, so text that could still be the start of a stop string waits too, and so does
-trailing whitespace (the finished reply is stripped, as `VisionLanguageModel.generate` strips its outputs).
+and sentencepiece tokenizers decide spaces by what follows), so the stream decodes each new token together with
+the tokens since the last piece of text it took (the way vLLM detokenises incrementally: the same text as decoding
+the whole reply, at a cost that does not grow with it), and text that ends in an unfinished character (U+FFFD)
+waits for the next token. What is handed out is never taken back, so text that could still be the start of a
+stop string waits too, and so does trailing whitespace (the finished reply is stripped, as
+`VisionLanguageModel.generate` strips its outputs).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class TextStream:
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self.tokenizer, self.stop = tokenizer, tuple(stop)
         self.tokens: list[int] = []
+        self.decoded = ""  # the text of `tokens[:read]`
+        self.prefix, self.read = 0, 0  # decode from `prefix`; `tokens[prefix:read]` gave the end of `decoded`
         self.sent = ""  # the text handed out so far
         self.stopped = False  # a stop string was met: the reply is over
 
@@ -41,27 +45,31 @@ class TextStream:
         if self.stopped:
             raise RuntimeError("the reply met a stop string and is over")
         self.tokens.append(token)
-        text = self._text()
-        if text.endswith("\ufffd"):  # half a character: wait for the rest of its bytes
+        before = self._decode(self.tokens[self.prefix:self.read])
+        after = self._decode(self.tokens[self.prefix:])
+        if after.endswith("\ufffd") or len(after) <= len(before):  # half a character: wait for the rest
             return ""
+        self.decoded += after[len(before):]
+        self.prefix, self.read = self.read, len(self.tokens)
+        text = self.decoded.lstrip()
         cut = self._stop_at(text)
         if cut is not None:
             self.stopped = True
             return self._send(text[:cut].rstrip())
-        return self._send(text[:len(text) - self._held_back(text)])
+        return self._send(self._safe(text))
 
     def finish(self) -> str:
         """The reply ended (end-of-turn or length): the text still held back, less trailing whitespace."""
         if self.stopped:
             return ""
-        return self._send(self._text().rstrip())
+        return self._send(self._decode(self.tokens).strip())
 
     @property
     def text(self) -> str:
         return self.sent
 
-    def _text(self) -> str:
-        return self.tokenizer.decode(self.tokens, skip_special_tokens=True).lstrip()
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def _send(self, upto: str) -> str:
         """Hand out `upto` beyond what was sent. Decoding more tokens only appends to the text with the usual
@@ -76,13 +84,13 @@ class TextStream:
         found = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
         return min(found) if found else None
 
-    def _held_back(self, text: str) -> int:
-        """How many characters at the end of `text` must wait: the longest end that begins a stop string, and
-        trailing whitespace."""
-        held = len(text) - len(text.rstrip())
+    def _safe(self, text: str) -> str:
+        """`text` less what must wait: the longest end that could begin a stop string, and the whitespace before
+        it (a reply cut at a stop string is stripped)."""
+        held = 0
         for stop in self.stop:
             for size in range(min(len(stop) - 1, len(text)), held, -1):
                 if text.endswith(stop[:size]):
                     held = size
                     break
-        return held
+        return text[:len(text) - held].rstrip()

@@ -327,6 +327,7 @@ class VisionLanguageModel(nn.Module):
             )
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
+    @torch.inference_mode()
     def decode_steps(self, image_embeds: torch.Tensor, prompts: Sequence[tuple[Sequence[int], Example]],
                      max_new_tokens: int | Sequence[int], pick: TokenPicker = argmax, stop: torch.Tensor | None = None,
                      seen: Sequence[bool] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -353,7 +354,8 @@ class VisionLanguageModel(nn.Module):
         `seen[i]` is False). With empty cells left out, other system prompts or no image, the images' shared parts
         differ in length: each is left-padded to the longest, masked the same way.
         """
-        prefixes = [tuple(p) for p in prefixes] if prefixes is not None else [self.prompt.prefix_ids] * len(image_embeds)
+        if prefixes is None:
+            prefixes = [self.prompt.prefix_ids] * len(image_embeds)
         width = max(map(len, prefixes))
         prefix_ids = torch.full((len(prefixes), width), self.pad_id, dtype=torch.long)
         prefix_keep = torch.zeros(len(prefixes), width, dtype=torch.bool)
