@@ -239,8 +239,9 @@ def test_models_health_and_page(server, client, model_dir) -> None:
     assert [model.id for model in client.models.list()] == [model_dir.name]
     status = health(server)
     assert status["status"] == "ok" and status["model"] == model_dir.name and status["max_batch"] == 4
-    with urllib.request.urlopen(f"{server.url}/", timeout=30) as response:
-        assert response.headers["Content-Type"].startswith("text/html") and b"<html" in response.read()
+    for page in ("/", "/static/index.html"):  # the page and its folder of assets (vlm/serve/static)
+        with urllib.request.urlopen(f"{server.url}{page}", timeout=30) as response:
+            assert response.headers["Content-Type"].startswith("text/html") and b"<html" in response.read()
 
 
 def test_api_key_is_required_on_every_v1_route(server, model_dir) -> None:

@@ -179,7 +179,7 @@ def serve(params_file: Path = ParamsOption, model_dir: Path = ModelOption,
                                                      "(at most ten times as long)"),
           model_name: str | None = typer.Option(None, "--model-name",
                                                 help="the model id clients send (default: the model folder's name)"),
-          drop_oldest: bool = typer.Option(False, "--drop-oldest",
+          drop_oldest: bool = typer.Option(False, "--drop-oldest/--no-drop-oldest",
                                            help="drop a conversation's oldest turns to fit the context (the answer's "
                                                 "X-VLM-Dropped-Turns header counts them) instead of a 400")
           ) -> None:
