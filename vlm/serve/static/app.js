@@ -10,7 +10,7 @@ const els = {
   model: $("model"), dropzone: $("dropzone"), imageInput: $("image-input"), previewFigure: $("preview-figure"),
   preview: $("preview"), previewName: $("preview-name"), removeImage: $("remove-image"), log: $("log"),
   emptyLog: $("empty-log"), error: $("error"), composer: $("composer"), question: $("question"), send: $("send"),
-  stop: $("stop"), reset: $("reset"), apiKey: $("api-key"),
+  stop: $("stop"), reset: $("reset"), apiKey: $("api-key"), settings: $("settings"),
 };
 
 const state = {
@@ -44,6 +44,7 @@ async function errorText(response) {
   } catch (_) { /* not JSON: show the text as it is */ }
   if (response.status === 401) {
     message += " Enter the server's API key under Settings.";
+    els.settings.open = true;
   }
   return `Error ${response.status}: ${message || response.statusText}`;
 }
@@ -201,10 +202,13 @@ async function send(event) {
     return;
   }
   clearError();
-  const content = [{ type: "text", text: text || "Describe the image." }];
-  if (state.image) content.push({ type: "image_url", image_url: { url: state.image.dataUrl } });
   const image = state.image;
-  const question = addEntry("user", content[0].text, image && image.dataUrl);
+  const shown = text || "Describe the image.";
+  // OpenAI's content parts when an image goes along, else the plain string.
+  const content = image
+    ? [{ type: "text", text: shown }, { type: "image_url", image_url: { url: image.dataUrl } }]
+    : shown;
+  const question = addEntry("user", shown, image && image.dataUrl);
   state.messages.push({ role: "user", content });
   els.question.value = "";
   clearImage();
