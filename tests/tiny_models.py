@@ -136,3 +136,20 @@ def training_modes(qformer: torch.nn.Module) -> list[bool]:
     modes: list[bool] = []
     qformer.layers[0].register_forward_hook(lambda module, args, output: modes.append(module.training))
     return modes
+
+
+def tiny_export(root: Path, perturb_seed: int = 1) -> Path:
+    """A folder written by `vlm export` (what `vlm.load` and `vlm serve --model` read) holding the tiny backbone
+    and a perturbed tiny VLM, with the tiny prompts; made under `root`, returned."""
+    from vlm.config import BackboneConfig, EvalConfig, Params
+    from vlm.export import export
+    from vlm.weights.sources import materialise
+
+    params = Params(backbone=BackboneConfig(source="tiny/vision", image_size=VISION_IMAGE_SIZE, layer=-1),
+                    llm=LLMConfig(system_prompt=TINY_VLM_SYSTEM_PROMPT, caption_prompt="Describe the image.",
+                                  question_suffix=" Answer with one word."),
+                    eval=EvalConfig(max_new_tokens=6, max_answer_tokens=3))
+    vision = root / "pipeline" / "vision"
+    materialise("vision", str(tiny_vision(root / "tiny_vision")), vision)
+    tiny_vlm(tiny_vlm_folders(root / "parts", image_width=VISION_WIDTH), perturb_seed).save(root / "pipeline" / "vlm")
+    return export(root / "tiny-vlm", params, True, root / "pipeline" / "vlm", vision, None)

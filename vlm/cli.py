@@ -88,6 +88,39 @@ def export(out_dir: Path = typer.Argument(..., help="folder to write the model i
     typer.echo(out_dir)
 
 
+@app.command()
+def serve(params_file: Path = ParamsOption, model_dir: Path = ModelOption,
+          host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (loopback only by default)"),
+          port: int = typer.Option(8000, "--port", min=0, max=65535),
+          api_key: str | None = typer.Option(None, "--api-key", envvar="VLM_API_KEY",
+                                             help="require `Authorization: Bearer KEY` on every /v1 route"),
+          allow_images_from: Path | None = typer.Option(None, "--allow-images-from", file_okay=False, exists=True,
+                                                        help="a folder whose image files requests may name by "
+                                                             "path (default: data: URLs only)"),
+          max_batch: int = typer.Option(16, "--max-batch", min=1, help="most requests decoded in one batch"),
+          batch_window_ms: float = typer.Option(20.0, "--batch-window-ms", min=0.0,
+                                                help="how long the first request of a batch waits for others"),
+          model_name: str | None = typer.Option(None, "--model-name",
+                                                help="the model id clients send (default: the model folder's name)")
+          ) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models) with a chat page at
+    /. Concurrent requests are decoded together in batches."""
+    import uvicorn
+
+    from vlm.messages import ImagePolicy
+    from vlm.serve.app import create_app
+    from vlm.serve.scheduler import BatchScheduler
+
+    images = ImagePolicy(allowed_dir=allow_images_from.resolve() if allow_images_from else None)
+    model_id = model_name or model_dir.resolve().name
+    scheduler = BatchScheduler(_assistant(params_file, model_dir), max_batch, batch_window_ms / 1000)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: listening on {host} without --api-key: anyone who reaches it can use the model",
+                   err=True)
+    typer.echo(f"serving {model_id} on http://{host}:{port} (OpenAI API at /v1)", err=True)
+    uvicorn.run(create_app(scheduler, model_id, api_key, images), host=host, port=port, log_level="info")
+
+
 @app.command("extract-images")
 def extract_images(out_dir: Path = typer.Argument(..., help="folder to write PNG files into"),
                    split: str = typer.Option("test", help="dataset split (train, val, test)"),

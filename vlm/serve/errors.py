@@ -63,9 +63,10 @@ def validation_error(error: RequestValidationError) -> APIError:
         return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     if first.get("type") == "model_attributes_type":
         return APIError(400, "The request body must be a JSON object.", code="invalid_type")
+    reason = str(first.get("msg", "invalid")).removeprefix("Value error, ")
     got = first.get("input")
     shown = repr(got) if not isinstance(got, (dict, list)) or len(repr(got)) < 80 else type(got).__name__
-    return APIError(400, f"Invalid value for '{param}': {first.get('msg', 'invalid')} (got {shown}).", param=param,
+    return APIError(400, f"Invalid value for '{param}': {reason} (got {shown}).", param=param,
                     code="invalid_value")
 
 
