@@ -153,3 +153,126 @@ def test_dvc_plots_draw_offline(browser, tmp_path: Path):
     assert cdn_page.evaluate(CHART_PIXELS_JS) == [] and cdn.errors, "DVC's CDN page drew charts offline?"
     offline.context.close()
     cdn.context.close()
+
+
+# ---- the chat page of `vlm serve` ----------------------------------------------------------------------------
+
+API_KEY = "browser-test-key"
+QUESTION = "how many objects are there?"
+FOLLOW_UP = "and which colour are they?"
+# What the page shows for the API's error JSON comes from the server's message; these are the page's own words.
+PAGE_401_HINT = "Enter the server's API key under Settings."
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory):
+    """The real server (`vlm serve`'s app, scheduler and Assistant) on a tiny random exported model, on loopback,
+    with an API key; yields (server, assistant, image policy)."""
+    from test_serve import Server  # uvicorn on a thread and a free port, as tests/test_serve.py runs it
+    from tiny_models import tiny_export
+
+    import vlm
+    from vlm.messages import ImagePolicy
+    from vlm.serve.app import create_app
+    from vlm.serve.scheduler import BatchScheduler
+
+    model_dir = tiny_export(tmp_path_factory.mktemp("browser_serve"))
+    assistant = vlm.load(model_dir)
+    policy = ImagePolicy()
+    server = Server(create_app(BatchScheduler(assistant, max_batch=2, gather_s=0.01), model_dir.name, API_KEY,
+                               policy))
+    yield server, assistant, policy
+    server.stop()
+
+
+def png_file(path: Path) -> Path:
+    from PIL import Image
+
+    image = Image.new("RGB", (48, 48), "white")
+    image.paste("blue", (8, 8, 40, 40))
+    image.save(path)
+    return path
+
+
+def test_chat_page_streams_answers_about_an_uploaded_image(browser, chat_server, tmp_path: Path):
+    import base64
+
+    from vlm.models.sampling import Sampling
+
+    server, assistant, policy = chat_server
+    image = png_file(tmp_path / "blue.png")
+    page = browser.new_page(viewport={"width": 900, "height": 1000})
+    problems: list[str] = []  # uncaught exceptions, and console errors other than the HTTP errors provoked below
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    page.on("console", lambda message: problems.append(message.text)
+            if message.type == "error" and "Failed to load resource" not in message.text else None)
+    requests = []
+    page.on("request", lambda request: requests.append(request)
+            if request.url.endswith("/v1/chat/completions") else None)
+    page.goto(server.url + "/")
+
+    # Without the key the API answers 401: the page shows the server's message and opens the key field.
+    page.wait_for_selector("#error:not([hidden])", timeout=TIMEOUT_MS)
+    assert "Incorrect or missing API key" in page.text_content("#error")
+    assert PAGE_401_HINT in page.text_content("#error")
+    page.fill("#api-key", API_KEY)
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_function("document.getElementById('model').textContent.includes('tiny-vlm')", timeout=TIMEOUT_MS)
+    assert page.is_hidden("#error")
+
+    # Pick the image: a preview of it, as a data: URL of the file's bytes.
+    page.set_input_files("#image-input", str(image))
+    page.wait_for_selector("#preview-figure:not([hidden])", timeout=TIMEOUT_MS)
+    assert page.get_attribute("#preview", "src") == "data:image/png;base64," + base64.b64encode(
+        image.read_bytes()).decode()
+
+    # Ask; count the changes to the answer's text as it arrives.
+    page.fill("#question", QUESTION)
+    page.evaluate("""() => { window.pieces = 0; new MutationObserver(records => { window.pieces += records.filter(
+        r => r.target.closest && r.target.closest('.message.assistant')).length; }).observe(
+        document.getElementById('log'), {subtree: true, childList: true, characterData: true}); }""")
+    page.click("#send")
+    page.wait_for_selector(".message.assistant[aria-busy=false]", timeout=TIMEOUT_MS)
+    page.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+
+    sent = json.loads(requests[0].post_data)
+    assert sent["stream"] is True and sent["model"] == "tiny-vlm"
+    assert sent["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": QUESTION},
+        {"type": "image_url", "image_url": {"url": page.evaluate("document.querySelector('.thumb').src")}}]}]
+    assert sent["messages"][0]["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
+    answer = page.text_content(".message.assistant .text")
+    # The streamed pieces add up to the library's own greedy reply, and they came in more than one piece.
+    assert answer == assistant.chat(sent["messages"], Sampling(), policy) and answer.strip()
+    assert page.evaluate("window.pieces") >= 2
+    assert page.locator(".message.user .thumb").count() == 1 and page.is_hidden("#preview-figure")
+
+    # A second turn (Enter sends): the whole history goes along, the first answer as the assistant's turn.
+    page.fill("#question", FOLLOW_UP)
+    page.press("#question", "Enter")
+    page.wait_for_function("document.querySelectorAll('.message.assistant[aria-busy=false]').length === 2",
+                           timeout=TIMEOUT_MS)
+    history = json.loads(requests[1].post_data)["messages"]
+    assert history == [sent["messages"][0], {"role": "assistant", "content": answer},
+                       {"role": "user", "content": FOLLOW_UP}]
+    second = page.locator(".message.assistant .text").nth(1).text_content()
+    assert second == assistant.chat(history, Sampling(), policy)
+
+    # An error from the API (an image file that is not an image): its message is shown, and the question goes
+    # back into the form with its image, out of the conversation.
+    page.set_input_files("#image-input", {"name": "broken.png", "mimeType": "image/png", "buffer": b"not a png"})
+    page.wait_for_selector("#preview-figure:not([hidden])", timeout=TIMEOUT_MS)
+    page.fill("#question", "what is this?")
+    page.click("#send")
+    page.wait_for_selector("#error:not([hidden])", timeout=TIMEOUT_MS)
+    error = page.text_content("#error")
+    assert error.startswith("Error 400: ") and "(parameter: messages)" in error, error
+    assert page.input_value("#question") == "what is this?" and page.is_visible("#preview-figure")
+    assert page.locator(".message").count() == 4
+
+    # Reset: an empty conversation, no image, no error.
+    page.click("#reset")
+    assert page.locator(".message").count() == 0 and page.is_visible("#empty-log")
+    assert page.is_hidden("#preview-figure") and page.is_hidden("#error")
+    assert problems == [], problems
+    page.close()
