@@ -274,5 +274,13 @@ def test_chat_page_streams_answers_about_an_uploaded_image(browser, chat_server,
     page.click("#reset")
     assert page.locator(".message").count() == 0 and page.is_visible("#empty-log")
     assert page.is_hidden("#preview-figure") and page.is_hidden("#error")
+
+    # Dropping an image file on the drop zone picks it, as the file input does.
+    page.evaluate("""bytes => { const transfer = new DataTransfer();
+        transfer.items.add(new File([new Uint8Array(bytes)], 'dropped.png', {type: 'image/png'}));
+        document.getElementById('dropzone').dispatchEvent(new DragEvent('drop', {dataTransfer: transfer})); }""",
+                  list(image.read_bytes()))
+    page.wait_for_selector("#preview-figure:not([hidden])", timeout=TIMEOUT_MS)
+    assert page.text_content("#preview-name") == "dropped.png"
     assert problems == [], problems
     page.close()

@@ -219,6 +219,7 @@ async function send(event) {
   const controller = new AbortController();
   state.controller = controller;
   setBusy(true);
+  els.question.focus(); // the Send button it may have come from is disabled until the answer is in
   try {
     const reply = await streamAnswer(state.messages, (piece) => {
       answer.body.textContent += piece;
