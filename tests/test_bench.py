@@ -230,3 +230,27 @@ def test_patch_probe_labels_each_patch_with_the_colour_under_it() -> None:
     assert labels[3, 2] == 1 + colours.index("purple")
     assert labels[0, 3] == 0 and labels[3, 0] == 0  # corners far from both objects: background
     assert set(labels.flatten().tolist()) == {0, 1 + colours.index("green"), 1 + colours.index("purple")}
+
+
+# ------------------------------------------------------------------------------------------- serving
+
+
+def test_serving_benchmark_runs_both_sides_through_the_server(tmp_path: Path) -> None:
+    """Benchmark 7 on a tiny exported model (its --quick sizes): every request answered on both sides, the
+    scheduler counted its batches, and the ratio is the two sides' token rates."""
+    from tiny_models import tiny_export
+
+    import vlm
+    from benchmarks.serving import run
+
+    figure = run(vlm.load(tiny_export(tmp_path)), requests=8, clients=4, max_tokens=4, image_size=48)
+    details = figure.details
+    assert figure.key == "serving" and figure.goal == ">= 5"
+    assert details["single_requests"] == 8  # far inside the time limit
+    assert 8 <= details["concurrent_tokens"] <= 8 * 4 and 8 <= details["single_tokens"] <= 8 * 4
+    assert 1 <= details["batches"] <= 8 and details["largest_batch"] <= 4
+    assert details["concurrent_p50_s"] <= details["concurrent_p95_s"]
+    assert details["single_p50_s"] <= details["single_p95_s"]
+    assert figure.value == pytest.approx(rate_ratio(details["concurrent_tokens"], details["concurrent_s"],
+                                                    details["single_tokens"], details["single_s"]))
+    assert "serving_ratio" in figure.flat() and figure.flat()["serving_goal"] == ">= 5"

@@ -12,7 +12,6 @@ import base64
 import io
 import json
 import random
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,31 +31,12 @@ import vlm
 from vlm.messages import ImagePolicy, parse_messages
 from vlm.models.sampling import Sampling
 from vlm.serve.app import create_app
+from vlm.serve.background import BackgroundServer
 from vlm.serve.scheduler import BatchScheduler
 
 API_KEY = "test-key"
 MAX_IMAGE_BYTES = 64 << 10
 QUESTION = "how many objects are there?"
-
-
-class Server:
-    """uvicorn serving `app` on a free loopback port, on a thread; `stop` shuts it down."""
-
-    def __init__(self, app):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +68,7 @@ def scheduler(assistant) -> BatchScheduler:
 
 @pytest.fixture(scope="module")
 def server(scheduler, model_dir, policy):
-    running = Server(create_app(scheduler, model_dir.name, API_KEY, policy))
+    running = BackgroundServer(create_app(scheduler, model_dir.name, API_KEY, policy))
     yield running
     running.stop()
 
@@ -233,6 +213,25 @@ def test_second_turn_answers_after_the_first(client, assistant, policy, model_di
             > again.usage.prompt_tokens)
 
 
+def test_sampling_parameters_reach_the_decoder(client, assistant, policy, model_dir) -> None:
+    """stop, temperature / top_p with a seed, max_tokens: the server answers what the library answers with the
+    same Sampling."""
+    messages = [user("Describe the image.", data_url(picture("red")))]
+    greedy = client.chat.completions.create(model=model_dir.name, messages=messages, max_tokens=10)
+    words = greedy.choices[0].message.content.split()
+    assert len(words) >= 3, "the test needs a reply of a few words"
+    stop = words[2]
+    cut = client.chat.completions.create(model=model_dir.name, messages=messages, max_tokens=10, stop=[stop, "zzz"])
+    assert cut.choices[0].message.content == assistant.chat(messages, Sampling(max_tokens=10, stop=(stop, "zzz")),
+                                                            policy)
+    assert stop not in cut.choices[0].message.content and cut.choices[0].finish_reason == "stop"
+    sampled = [client.chat.completions.create(model=model_dir.name, messages=messages, max_tokens=10,
+                                              temperature=1.5, top_p=0.9, seed=seed).choices[0].message.content
+               for seed in (3, 3, 4)]
+    assert sampled[0] == sampled[1] == assistant.chat(messages, Sampling(10, 1.5, 0.9, (), 3), policy)
+    assert len(set(sampled + [greedy.choices[0].message.content])) > 1  # sampling is not greedy decoding
+
+
 # ------------------------------------------------------------------------------------------------ the API
 
 
@@ -354,7 +353,7 @@ def test_cli_serves_an_exported_folder(model_dir, images_dir, monkeypatch) -> No
                                       "--allow-images-from", str(images_dir), "--max-batch", "2"])
     assert result.exit_code == 0, result.output
     assert served["host"] == "127.0.0.1"  # loopback unless told otherwise
-    running = Server(served["app"])
+    running = BackgroundServer(served["app"])
     try:
         client = OpenAI(api_key="k", base_url=f"{running.url}/v1", max_retries=0)
         assert [model.id for model in client.models.list()] == [model_dir.name]

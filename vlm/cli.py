@@ -101,7 +101,10 @@ def serve(params_file: Path = ParamsOption, model_dir: Path = ModelOption,
           batch_window_ms: float = typer.Option(20.0, "--batch-window-ms", min=0.0,
                                                 help="how long the first request of a batch waits for others"),
           model_name: str | None = typer.Option(None, "--model-name",
-                                                help="the model id clients send (default: the model folder's name)")
+                                                help="the model id clients send (default: the model folder's name)"),
+          drop_oldest: bool = typer.Option(False, "--drop-oldest",
+                                           help="drop a conversation's oldest turns to fit the context (the answer's "
+                                                "X-VLM-Dropped-Turns header counts them) instead of a 400")
           ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models) with a chat page at
     /. Concurrent requests are decoded together in batches."""
@@ -113,7 +116,9 @@ def serve(params_file: Path = ParamsOption, model_dir: Path = ModelOption,
 
     images = ImagePolicy(allowed_dir=allow_images_from.resolve() if allow_images_from else None)
     model_id = model_name or model_dir.resolve().name
-    scheduler = BatchScheduler(_assistant(params_file, model_dir), max_batch, batch_window_ms / 1000)
+    assistant = _assistant(params_file, model_dir)
+    assistant.drop_oldest = drop_oldest
+    scheduler = BatchScheduler(assistant, max_batch, batch_window_ms / 1000)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: listening on {host} without --api-key: anyone who reaches it can use the model",
                    err=True)

@@ -38,7 +38,7 @@ class PackedRows:
     is_visual: torch.Tensor
     segments: torch.Tensor  # SHARED for system + visual tokens, k for the k-th turn, PADDING elsewhere
     position_ids: torch.Tensor
-    labels: torch.Tensor  # IGNORE_INDEX except on answer tokens (and their end-of-turn)
+    labels: torch.Tensor  # IGNORE_INDEX except on answer tokens (and their end-of-turn): `Example.labels`
 
     def to(self, device: torch.device) -> PackedRows:
         return PackedRows(*(getattr(self, f.name).to(device) for f in fields(self)))
@@ -84,8 +84,8 @@ def pack(prefix_ids: Sequence[int], num_visual: int | Sequence[int], rows: Seque
             ids[row, span] = torch.tensor(text, dtype=torch.long)
             segments[row, span] = number
             position_ids[row, span] = torch.arange(shared, shared + len(text))
-            if turn.answer_ids:
-                labels[row, cursor + len(turn.user_ids):span.stop] = torch.tensor(turn.answer_ids, dtype=torch.long)
+            if turn.answer_ids or turn.targets:
+                labels[row, span] = torch.tensor(turn.labels, dtype=torch.long)
             cursor = span.stop
     return PackedRows(ids, is_visual, segments, position_ids, labels)
 

@@ -27,7 +27,7 @@ from vlm.artifacts import atomic_directory
 from vlm.config import LoraConfig
 from vlm.models.cell_labels import labelled_slots
 from vlm.models.empty_cells import EmptyCellRule
-from vlm.models.greedy import greedy_decode, mask_positions
+from vlm.models.greedy import TokenPicker, argmax, decode_steps, greedy_decode, mask_positions
 from vlm.models.packing import TRAIN_LENGTH_MULTIPLE, PackedRows, pack, turn_attention_mask
 from vlm.models.projector import Projector
 from vlm.models.prompt import IGNORE_INDEX, ChatPrompt, Example
@@ -314,7 +314,8 @@ class VisionLanguageModel(nn.Module):
             raise ValueError(f"{len(instructions)} instructions but {len(image_index)} image indices")
         rows = [[self.prompt.example(text)] for text in instructions]
         if num_beams == 1:
-            ids, mask, cache = self._shared_prefix_inputs(image_embeds, image_index, rows)
+            self._check_context(rows, len(rows))  # `build_inputs` checks the rows of the other path
+            ids, mask, cache = self._shared_prefix_inputs(image_embeds, image_index, [t[0].user_ids for t in rows])
             output = greedy_decode(self.base_llm, ids, mask, cache, max_new_tokens, self.prompt.end_of_turn_id,
                                    self.pad_id)
         else:
@@ -326,28 +327,51 @@ class VisionLanguageModel(nn.Module):
             )
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
+    def decode_steps(self, image_embeds: torch.Tensor, prompts: Sequence[tuple[Sequence[int], Example]],
+                     max_new_tokens: int | Sequence[int], pick: TokenPicker = argmax, stop: torch.Tensor | None = None,
+                     seen: Sequence[bool] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`vlm/models/greedy.py`'s `decode_steps` for prompts of their own: prompt i = (system turn ids,
+        Example whose `user_ids` end with the assistant header; `ChatPrompt.conversation`) about image i.
+        `seen[i]` False: prompt i has no image, and its visual block is left out (image i is a placeholder).
+        Yields (rows, tokens) per step; `pick` chooses the tokens (default greedy), `stop` ends rows early."""
+        image_embeds = image_embeds.to(next(self.projector.parameters()).device)
+        index = torch.arange(len(prompts), device=image_embeds.device)
+        ids, mask, cache = self._shared_prefix_inputs(image_embeds, index, [example.user_ids for _, example in prompts],
+                                                      [system for system, _ in prompts], seen)
+        yield from decode_steps(self.base_llm, ids, mask, cache, max_new_tokens, self.prompt.end_of_turn_id, pick,
+                                stop)
+
     def _shared_prefix_inputs(self, image_embeds: torch.Tensor, image_index: torch.Tensor,
-                              rows: Sequence[Sequence[Example]]) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """(ids [B, P + W], attention mask, KV cache of the P shared tokens, one copy per row) for `generate`.
+                              users: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]] | None = None,
+                              seen: Sequence[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """(ids [B, P + W], attention mask, KV cache of the P shared tokens, one copy per row) for greedy decoding.
 
         Row layout: the shared part (cached: its ids are placeholders that never get embedded), left padding,
-        then the user turn. The mask skips the padding, so positions run on from the shared part exactly as in
-        a row without padding (generation derives position ids from the mask). With empty cells left out the
-        images' shared parts differ in length: each is left-padded to the longest, masked the same way.
+        then the user turn (`users[row]`). The mask skips the padding, so positions run on from the shared part
+        exactly as in a row without padding (generation derives position ids from the mask). Image i's shared
+        part is its system turn (`prefixes[i]`, default the trained one) and its visual block (none where
+        `seen[i]` is False). With empty cells left out, other system prompts or no image, the images' shared parts
+        differ in length: each is left-padded to the longest, masked the same way.
         """
-        self._check_context(rows, len(rows))  # `build_inputs` checks the rows of the other path
-        prefix_ids = torch.tensor(self.prompt.prefix_ids, device=image_embeds.device)
-        system = self.llm.get_input_embeddings()(prefix_ids)
+        prefixes = [tuple(p) for p in prefixes] if prefixes is not None else [self.prompt.prefix_ids] * len(image_embeds)
+        width = max(map(len, prefixes))
+        prefix_ids = torch.full((len(prefixes), width), self.pad_id, dtype=torch.long)
+        prefix_keep = torch.zeros(len(prefixes), width, dtype=torch.bool)
+        for row, prefix in enumerate(prefixes):
+            prefix_ids[row, :len(prefix)] = torch.tensor(prefix, dtype=torch.long)
+            prefix_keep[row, :len(prefix)] = True
+        system = self.llm.get_input_embeddings()(prefix_ids.to(image_embeds.device))
         visual, keep = self.visual_block(image_embeds)
-        tokens = torch.cat([system.to(visual.dtype).expand(len(visual), -1, -1), visual], dim=1)
-        keep = torch.cat([keep.new_ones(len(keep), len(prefix_ids)), keep], dim=1)
+        if seen is not None:
+            keep = keep & torch.tensor(list(seen), dtype=torch.bool, device=keep.device)[:, None]
+        tokens = torch.cat([system.to(visual.dtype), visual], dim=1)
+        keep = torch.cat([prefix_keep.to(keep.device), keep], dim=1)
         shared, shared_mask = _right_aligned(tokens, keep)
         positions = mask_positions(shared_mask)
         # logits_to_keep=1: the vocabulary projection of the shared tokens would be thrown away
         cache = self.base_llm(inputs_embeds=shared, attention_mask=shared_mask, position_ids=positions,
                               use_cache=True, logits_to_keep=1).cache
         cache.batch_select_indices(image_index)
-        users = [turns[0].user_ids for turns in rows]
         width, length = max(map(len, users)), shared.shape[1]
         ids = torch.full((len(users), length + width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)

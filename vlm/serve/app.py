@@ -7,7 +7,9 @@
     GET  /health                liveness and the scheduler's counters (batches decoded, largest batch, queued)
     GET  /                      the chat page; its assets under /static/
 
-With an API key every /v1 route wants `Authorization: Bearer KEY`. Parsing the messages (decoding an image) runs
+With an API key every /v1 route wants `Authorization: Bearer KEY`. A conversation that does not fit the LLM's
+context is a 400, or (`vlm serve --drop-oldest`) loses its oldest turns, which the answer's X-VLM-Dropped-Turns
+header counts. Parsing the messages (decoding an image) runs
 in a thread pool and the model on the scheduler's worker thread, so the event loop never waits on either.
 """
 
@@ -32,6 +34,7 @@ from vlm.serve.schema import ChatRequest, Reply
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 BODY_OVERHEAD_BYTES = 1 << 20  # what a request holds besides its image (text, JSON)
+DROPPED_TURNS_HEADER = "X-VLM-Dropped-Turns"  # how many oldest turns were left out to fit the context
 
 
 def create_app(scheduler: BatchScheduler, model_id: str, api_key: str | None = None,
@@ -103,10 +106,12 @@ def create_app(scheduler: BatchScheduler, model_id: str, api_key: str | None = N
         except MessageError as error:
             raise APIError(400, str(error), param="messages", code="invalid_messages") from None
         reply = Reply(model_id)
+        # With the Assistant's drop_oldest, a conversation over the context loses its oldest turns: said here.
+        dropped = {DROPPED_TURNS_HEADER: str(job.dropped_turns)} if job.dropped_turns else {}
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(stream(job, reply, include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **dropped})
         try:
             pieces, finish_reason = [], "stop"
             async for delta in job.deltas():
@@ -115,7 +120,7 @@ def create_app(scheduler: BatchScheduler, model_id: str, api_key: str | None = N
         finally:
             job.cancel()  # a no-op once finished; stops decoding for it if this handler was cancelled
         return JSONResponse(reply.completion("".join(pieces), finish_reason, job.prompt_tokens,
-                                             job.completion_tokens))
+                                             job.completion_tokens), headers=dropped)
 
     app.include_router(v1)
 

@@ -8,8 +8,9 @@ for the next one. Every call into torch and the tokenizer happens on the worker 
 results through each job's asyncio queue (`loop.call_soon_threadsafe`), so it never blocks on the model and
 serves the web page, /health and the other clients meanwhile.
 
-Before a request joins a batch the worker counts its prompt tokens (`count_prompt_tokens`): a prompt over the
-context is refused there, on its own, as a `MessageError` the route turns into a 400, before any decoding.
+Before a request joins a batch the worker fits it to the context (`Assistant.fit`: prompt + max_tokens within
+the LLM's context, or with `drop_oldest` its oldest turns dropped) and counts its prompt tokens: a request that
+does not fit is refused there, on its own, as a `ContextError` the route turns into a 400, before any decoding.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class Job:
     def __init__(self, conversation: Any, sampling: Any, loop: asyncio.AbstractEventLoop):
         self.conversation, self.sampling = conversation, sampling
         self.prompt_tokens = 0
-        self.completion_tokens = 0  # decode steps this request took part in: one token each
+        self.completion_tokens = 0  # the Deltas it got: one generated token each
+        self.dropped_turns = 0  # oldest turns left out to fit the context (the Assistant's drop_oldest)
         self._loop = loop
         self._events: asyncio.Queue = asyncio.Queue()
         self._cancelled = threading.Event()
@@ -89,8 +91,8 @@ class Job:
 
 
 class BatchScheduler:
-    """Owns `assistant` (an `vlm.assistant.Assistant` or anything with its `count_prompt_tokens` and
-    `stream_batch`) on one worker thread; `submit` from the event loop, `close` to stop."""
+    """Owns `assistant` (a `vlm.assistant.Assistant`: its `fit`, `count_prompt_tokens` and `stream_batch`) on
+    one worker thread; `submit` from the event loop, `close` to stop."""
 
     def __init__(self, assistant: Any, max_batch: int = 16, gather_s: float = 0.02):
         if max_batch < 1:
@@ -170,7 +172,8 @@ class BatchScheduler:
         for job in jobs:
             if job.cancelled:
                 continue
-            try:
+            try:  # prompt + max_tokens within the context (or, with drop_oldest, the oldest turns dropped)
+                job.conversation, job.dropped_turns = self.assistant.fit(job.conversation, job.sampling.max_tokens)
                 job.prompt_tokens = self.assistant.count_prompt_tokens(job.conversation)
             except Exception as error:  # MessageError / ContextError: a 400 for this request alone
                 job._send(error)
@@ -189,13 +192,14 @@ class BatchScheduler:
             self._batches += 1
             self._largest = max(self._largest, len(jobs))
             self._requests += len(jobs)
-        steps = self.assistant.stream_batch([job.conversation for job in jobs], [job.sampling for job in jobs])
+        steps = None
         try:
+            steps = self.assistant.stream_batch([job.conversation for job in jobs], [job.sampling for job in jobs])
             for deltas in steps:
                 if len(deltas) != len(jobs):
                     raise RuntimeError(f"stream_batch gave {len(deltas)} deltas for a batch of {len(jobs)}")
                 for job, delta in zip(jobs, deltas):
-                    if job._done:  # finished earlier: what comes now is a placeholder
+                    if delta is None:  # it finished at an earlier step
                         continue
                     job.completion_tokens += 1
                     job._done = delta.finish_reason is not None
@@ -211,7 +215,7 @@ class BatchScheduler:
                     job._send(error)
         finally:
             close = getattr(steps, "close", None)
-            if close is not None:
+            if close is not None:  # stops decoding when every client of the batch has gone
                 close()
         for job in jobs:
             if not job._done and not job.cancelled:  # the stream ended without finishing it: a bug upstream

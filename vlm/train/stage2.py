@@ -20,7 +20,7 @@ from vlm import distributed
 from vlm.config import LLMConfig, VLMTrainConfig
 from vlm.data.dataset_io import read_split
 from vlm.data.embeddings import Embeddings, available, gather
-from vlm.models.prompt import ChatPrompt, Example
+from vlm.models.prompt import ChatPrompt, Example, question_instruction
 from vlm.models.vlm import VisionLanguageModel
 from vlm.precision import bf16_on_cpu, effective_precision
 from vlm.train.bf16_llm import frozen_llm_in_bf16
@@ -36,10 +36,6 @@ class Task:
     kind: str  # "caption" or the question type
     instruction: str
     answers: tuple[str, ...]
-
-
-def question_instruction(question: str, llm: LLMConfig) -> str:
-    return question + llm.question_suffix
 
 
 def load_tasks(dataset_path: Path, llm: LLMConfig) -> tuple[list[Task], list[Task]]:
