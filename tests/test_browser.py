@@ -168,19 +168,19 @@ PAGE_401_HINT = "Enter the server's API key under Settings."
 def chat_server(tmp_path_factory):
     """The real server (`vlm serve`'s app, scheduler and Assistant) on a tiny random exported model, on loopback,
     with an API key; yields (server, assistant, image policy)."""
-    from test_serve import Server  # uvicorn on a thread and a free port, as tests/test_serve.py runs it
     from tiny_models import tiny_export
 
     import vlm
     from vlm.messages import ImagePolicy
     from vlm.serve.app import create_app
+    from vlm.serve.background import BackgroundServer
     from vlm.serve.scheduler import BatchScheduler
 
     model_dir = tiny_export(tmp_path_factory.mktemp("browser_serve"))
     assistant = vlm.load(model_dir)
     policy = ImagePolicy()
-    server = Server(create_app(BatchScheduler(assistant, max_batch=2, gather_s=0.01), model_dir.name, API_KEY,
-                               policy))
+    scheduler = BatchScheduler(assistant, max_batch=2, gather_s=0.01)
+    server = BackgroundServer(create_app(scheduler, model_dir.name, API_KEY, policy))
     yield server, assistant, policy
     server.stop()
 
