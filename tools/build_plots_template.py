@@ -1,4 +1,4 @@
-"""Build tools/plots_template/offline.html: the page `dvc plots show` fills, with vega, vega-lite and vega-embed inlined.
+"""Build tools/plots_template/offline.html, the page `dvc plots show` fills, with vega, vega-lite, vega-embed inlined.
 
 DVC's own page loads those three libraries from a CDN, so without a network the training curves do not draw.
 This page carries the libraries' browser builds, unchanged, from the npm packages pinned in
