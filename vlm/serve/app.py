@@ -34,6 +34,7 @@ from vlm.serve.schema import ChatRequest, Reply
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 BODY_OVERHEAD_BYTES = 1 << 20  # what a request holds besides its image (text, JSON)
+DRAIN_LIMIT_BYTES = 64 << 20  # a body over the limit but under this is read and dropped before the 413
 DROPPED_TURNS_HEADER = "X-VLM-Dropped-Turns"  # how many oldest turns were left out to fit the context
 
 
@@ -56,6 +57,9 @@ def create_app(scheduler: BatchScheduler, model_id: str, api_key: str | None = N
     async def limit_body(request: Request, call_next):
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body:
+            if int(length) <= DRAIN_LIMIT_BYTES:  # read (and drop) it, so the client reads the 413, not a reset
+                async for _ in request.stream():
+                    pass
             return APIError(413, f"The request body is {int(length)} bytes, over this server's {max_body} (an image "
                                  f"may have at most {images.max_bytes} bytes); send a smaller image.",
                             code="request_too_large").response()

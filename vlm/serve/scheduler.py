@@ -1,9 +1,9 @@
 """Batched generation for concurrent requests: one worker thread owns the model, the event loop only waits.
 
-Requests are queued as `Job`s. The worker takes the first one, waits a short gather window for more (and takes
-whatever is already queued), up to `max_batch`, and decodes them together with the Assistant's
-`stream_batch`: each decode step advances every request of the batch by one token, so N concurrent requests
-cost about one request's decode steps, not N times as many. Requests that arrive while a batch is decoding wait
+Requests are queued as `Job`s. The worker takes the first one and gathers more, up to `max_batch`, until none
+has come for a short window (`gather_s`; at most GATHER_CAP windows in all), and decodes them together with the
+Assistant's `stream_batch`: each decode step advances every request of the batch by one token, so N concurrent
+requests cost about one request's decode steps, not N times as many. Requests that arrive while a batch is decoding wait
 for the next one. Every call into torch and the tokenizer happens on the worker thread; the event loop gets the
 results through each job's asyncio queue (`loop.call_soon_threadsafe`), so it never blocks on the model and
 serves the web page, /health and the other clients meanwhile.
@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("vlm.serve")
+
+GATHER_CAP = 10  # a batch waits at most this many gather windows for more requests
 
 
 @dataclass(frozen=True)
@@ -144,11 +146,14 @@ class BatchScheduler:
                 break
             self._open.wait()
             jobs = [first]
-            deadline = time.monotonic() + self.gather_s
+            # Gather until no request came for gather_s (so a burst that trickles in over a busy machine stays
+            # one batch), at most GATHER_CAP times gather_s after the first.
+            cap = time.monotonic() + GATHER_CAP * self.gather_s
             stop = False
             while len(jobs) < self.max_batch:
+                wait = min(self.gather_s, cap - time.monotonic())
                 try:
-                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    job = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if job is None:
