@@ -262,6 +262,7 @@ def test_chat_page_streams_answers_about_an_uploaded_image(browser, chat_server,
     # back into the form with its image, out of the conversation.
     page.set_input_files("#image-input", {"name": "broken.png", "mimeType": "image/png", "buffer": b"not a png"})
     page.wait_for_selector("#preview-figure:not([hidden])", timeout=TIMEOUT_MS)
+    assert page.is_visible("#second-image")  # the hint: one image per conversation
     page.fill("#question", "what is this?")
     page.click("#send")
     page.wait_for_selector("#error:not([hidden])", timeout=TIMEOUT_MS)
@@ -281,6 +282,6 @@ def test_chat_page_streams_answers_about_an_uploaded_image(browser, chat_server,
         document.getElementById('dropzone').dispatchEvent(new DragEvent('drop', {dataTransfer: transfer})); }""",
                   list(image.read_bytes()))
     page.wait_for_selector("#preview-figure:not([hidden])", timeout=TIMEOUT_MS)
-    assert page.text_content("#preview-name") == "dropped.png"
+    assert page.text_content("#preview-name") == "dropped.png" and page.is_hidden("#second-image")
     assert problems == [], problems
     page.close()

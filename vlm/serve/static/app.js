@@ -8,7 +8,8 @@ const MAX_IMAGE_BYTES = 20 * 1024 * 1024; // a data: URL this big is already a s
 const $ = (id) => document.getElementById(id);
 const els = {
   model: $("model"), dropzone: $("dropzone"), imageInput: $("image-input"), previewFigure: $("preview-figure"),
-  preview: $("preview"), previewName: $("preview-name"), removeImage: $("remove-image"), log: $("log"),
+  preview: $("preview"), previewName: $("preview-name"), secondImage: $("second-image"),
+  removeImage: $("remove-image"), log: $("log"),
   emptyLog: $("empty-log"), error: $("error"), composer: $("composer"), question: $("question"), send: $("send"),
   stop: $("stop"), reset: $("reset"), apiKey: $("api-key"), settings: $("settings"),
 };
@@ -149,6 +150,8 @@ function showImage(image) {
   els.preview.src = image.dataUrl;
   els.preview.alt = `The chosen image, ${image.name}`;
   els.previewName.textContent = image.name;
+  els.secondImage.hidden = !state.messages.some((message) => Array.isArray(message.content)
+    && message.content.some((part) => part.type === "image_url"));
   els.previewFigure.hidden = false;
 }
 
