@@ -322,9 +322,11 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server, cli
 
 
 def test_requests_that_arrive_together_decode_in_one_batch(server, client, scheduler, model_dir) -> None:
-    questions = [QUESTION, "Describe the image.", "what color is the star?", "how many circles are there?"]
+    """Five requests queued together on a scheduler of max_batch 4: a batch of four, then one."""
+    questions = [QUESTION, "Describe the image.", "what color is the star?", "how many circles are there?",
+                 "what shape is left of the square?"]
     before = health(server)
-    scheduler.hold()  # the worker starts no batch until all four are queued, however slow this machine is
+    scheduler.hold()  # the worker starts no batch until all are queued, however slow this machine is
     try:
         with ThreadPoolExecutor(len(questions)) as pool:
             replies = [pool.submit(client.chat.completions.create, model=model_dir.name, messages=[user(q)],
@@ -338,9 +340,9 @@ def test_requests_that_arrive_together_decode_in_one_batch(server, client, sched
     finally:
         scheduler.release()
     after = health(server)
-    assert after["batches"] == before["batches"] + 1  # one batch for the four
-    assert after["largest_batch"] == len(questions) and after["requests"] == before["requests"] + len(questions)
-    for i, answer in enumerate(answers):  # each got its own reply, at its own length limit
+    assert after["batches"] == before["batches"] + 2 and after["largest_batch"] == 4 == scheduler.max_batch
+    assert after["requests"] == before["requests"] + len(questions) and after["queued"] == 0
+    for i, answer in enumerate(answers):  # each got its own reply, within its own length limit
         assert 1 <= answer.usage.completion_tokens <= 4 + i
         assert answer.choices[0].finish_reason in ("stop", "length")
 
