@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install repro test bench clean
+.PHONY: install repro test bench plots-template clean
 
 # Python writes bytecode for what it imports (this machine's environment may say otherwise): uv installs without
 # compiling, so the first run compiles only the modules the pipeline imports, and later runs reuse them.
@@ -36,6 +36,11 @@ test: install
 # BENCH_ARGS="--models ../other/models/base --vlm ../other/models/vlm" or BENCH_ARGS=--quick (a smoke test).
 bench: install
 	PATH="$(abspath $(BIN)):$$PATH" HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks $(BENCH_ARGS)
+
+# Rebuild tools/plots_template/offline.html, the page `dvc plots show` fills offline (.dvc/config's
+# plots.html_template), from the npm lock beside it; needs node and npm. Same lock, same bytes.
+plots-template:
+	$(PYTHON) tools/build_plots_template.py
 
 clean:
 	rm -rf $(VENV)
