@@ -17,7 +17,8 @@ from vlm.data.dataset_io import write_split
 from vlm.data.embeddings import Embeddings, gather
 from vlm.data.synthetic import generate_records
 from vlm.models.prompt import IGNORE_INDEX
-from vlm.train.align import align_queries, alignment_losses, caption_targets, reference_captions
+from vlm.train.align import (align_queries, alignment_losses, caption_targets, reference_answers,
+                             reference_captions)
 
 
 def test_caption_targets_truncate_to_the_slots_and_leave_the_rest_free() -> None:
@@ -161,3 +162,12 @@ def test_reference_captions_picks_the_asked_caption_or_the_last(tmp_path: Path) 
     assert second == {"train-000000": records[0]["captions"][1], "train-000001": records[1]["captions"][0],
                       "chat": "a circle."}
     assert reference_captions(tmp_path / "train.parquet")["train-000000"] == records[0]["captions"][0]
+
+
+def test_the_answers_target_spells_an_images_answers_in_question_order(tmp_path: Path) -> None:
+    records = list(generate_records(seed=2, num_images=3, image_size=32, id_prefix="train"))
+    records[1] = dict(records[1], questions=[], answers=[], question_types=[])
+    write_split(records, tmp_path / "train.parquet")
+    answers = reference_answers(tmp_path / "train.parquet")
+    assert set(answers) == {records[0]["image_id"], records[2]["image_id"]}  # no questions: no target
+    assert answers[records[0]["image_id"]] == " ".join(a[0] for a in records[0]["answers"])

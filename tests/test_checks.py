@@ -46,10 +46,10 @@ def test_a_grid_target_on_data_without_regions_names_the_recipe_that_fits() -> N
 def test_stage1_without_any_caption_fails_and_points_at_the_question_texts() -> None:
     questions_only = replace(FULL, with_captions=0, with_regions=0)
     problems = check_params(Params(), splits(train=questions_only, test=questions_only))
-    assert fatal(problems) == ["train_qformer.texts", "train_vlm.align.steps"]
+    assert fatal(problems) == ["train_qformer.texts", "train_vlm.align.target"]
     assert "vlm recipe question-only" in str(problems[0])
     fixed = replace(Params(), train_qformer=QFormerTrainConfig(texts="questions"),
-                    train_vlm=VLMTrainConfig(align=AlignConfig(steps=0)))
+                    train_vlm=VLMTrainConfig(align=AlignConfig(target="answers")))
     problems = check_params(fixed, splits(train=questions_only, test=questions_only))
     assert fatal(problems) == [] and any("CIDEr" in p.fix for p in problems)  # said, not fatal
 

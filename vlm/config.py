@@ -350,8 +350,9 @@ class AlignConfig:
     steps: int = 400  # 0 skips it
     # What the visual tokens learn to name: "caption" - token k of one of the image's reference captions (any data
     # with captions); "grid" - each grid cell's queries name the phrase of the object there (needs
-    # train_vlm.grid.size > 0 and the dataset's `regions`).
-    target: Literal["grid", "caption"] = "caption"
+    # train_vlm.grid.size > 0 and the dataset's `regions`); "answers" - token k of the image's questions' first
+    # answers, joined (data without captions).
+    target: Literal["grid", "caption", "answers"] = "caption"
     caption: int = 0  # target caption: which of an image's reference captions to spell (0 = the first)
     batch_size: int = 32
     lr: float = 1e-3  # the projector's (new)

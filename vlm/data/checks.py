@@ -121,9 +121,14 @@ def check_params(params: Params, splits: Mapping[str, SplitSummary]) -> list[Pro
                                     f"cell ({needed}), there are {params.qformer.num_queries}",
                                     f"raise qformer.num_queries to {needed} or more, or lower train_vlm.grid.size"))
     if align.steps and align.target == "caption" and train.with_caption_texts == 0:
-        problems.append(Problem("train_vlm.align.steps", f"the alignment spells reference captions, and none of "
-                                f"the {train.images} train images has one", "set train_vlm.align.steps: 0, or "
-                                "apply the question-only recipe: `vlm recipe question-only`"))
+        problems.append(Problem("train_vlm.align.target", f"the alignment spells reference captions, and none of "
+                                f"the {train.images} train images has one", "set train_vlm.align.target: answers "
+                                "(it spells the answers to the image's questions), or apply the question-only "
+                                "recipe: `vlm recipe question-only`"))
+    if align.steps and align.target == "answers" and train.with_questions == 0:
+        problems.append(Problem("train_vlm.align.target", f"target answers spells the answers to an image's "
+                                f"questions, and none of the {train.images} train images has any",
+                                "set train_vlm.align.target: caption"))
 
     # stage 2 and evaluation
     if train.with_captions == 0 and train.with_questions == 0 and train.with_conversations == 0:

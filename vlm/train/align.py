@@ -5,7 +5,8 @@ so the LLM receives one vector repeated,
 and stage 2 is far too short on a CPU to undo that through the LLM. Here the Q-Former and the new projector
 train, with no LLM pass at all, so that visual token k, read through the LLM's input embedding matrix E, is the
 k-th token of its target: with `align.target: caption` (BLIP-2's plain queries, any data with captions) one of
-the image's reference captions (`align.caption`), or with `align.target: grid` (the opt-in recipe for data with
+the image's reference captions (`align.caption`), with `align.target: answers` (data without captions) the first
+answers of its questions, joined, or with `align.target: grid` (the opt-in recipe for data with
 regions, `train_vlm.grid`) the phrase of the object in the query's grid cell ("small red circle", the grid's
 `empty_phrase` for an empty cell; vlm/models/spatial_prior.py):
 
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from vlm import distributed
 from vlm.config import GridConfig, VLMTrainConfig
-from vlm.data.dataset_io import captions_or_replies, image_regions
+from vlm.data.dataset_io import captions_or_replies, image_regions, read_split
 from vlm.data.embeddings import Embeddings, available, gather
 from vlm.models.empty_cells import EmptyCellRule
 from vlm.models.prompt import IGNORE_INDEX
@@ -73,6 +74,14 @@ def alignment_losses(visual: torch.Tensor, targets: torch.Tensor, embedding_matr
     distance = ((visual - wanted).pow(2).sum(-1) / wanted.pow(2).sum(-1).clamp(min=1e-12))[supervised].mean()
     accuracy = (logits.argmax(-1) == local_targets)[supervised].float().mean()
     return {"loss": ce + distance, "ce": ce, "distance": distance, "accuracy": accuracy.detach()}
+
+
+def reference_answers(dataset_path: Path) -> dict[str, str]:
+    """image id -> the first answers of its questions, in order, joined by spaces ("moon brown gradient one yes"): a
+    description of the image made of what its questions ask about, for data without captions; images without
+    questions are left out."""
+    rows = read_split(dataset_path, columns=["image_id", "answers"]).to_pylist()
+    return {row["image_id"]: " ".join(answers[0] for answers in row["answers"]) for row in rows if row["answers"]}
 
 
 def reference_captions(dataset_path: Path, index: int = 0) -> dict[str, str]:
@@ -124,12 +133,14 @@ def align_queries(model: VisionLanguageModel, embeddings: Embeddings, dataset_pa
                              "(`vlm recipe own-data`), or give the images regions (data.coco.instances, a JSONL "
                              "manifest's `regions`)")
     else:
-        captions = reference_captions(dataset_path, align.caption)
-        captions = {i: captions[i] for i in available(embeddings, captions)}
-        if not captions:
-            raise ValueError(f"train_vlm.align: no training image of {dataset_path} has both a caption and an "
-                             "embedding; set train_vlm.align.steps: 0 for a dataset without captions")
-        targets = caption_targets(model.tokenizer, captions, model.qformer.config.num_queries)
+        texts = (reference_captions(dataset_path, align.caption) if align.target == "caption"
+                 else reference_answers(dataset_path))
+        texts = {i: texts[i] for i in available(embeddings, texts)}
+        if not texts:
+            raise ValueError(f"train_vlm.align.target {align.target!r}: no training image of {dataset_path} has "
+                             f"both {'a caption' if align.target == 'caption' else 'questions'} and an embedding; "
+                             "`vlm check` says what the data holds")
+        targets = caption_targets(model.tokenizer, texts, model.qformer.config.num_queries)
     device = distributed.device()
     model.to(device).train()  # first: the embedding matrix below must come from the model on its device
     vocab = torch.tensor(sorted({t for ids in targets.values() for t in ids if t != IGNORE_INDEX}), device=device)
