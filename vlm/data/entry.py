@@ -134,6 +134,22 @@ def read_json(path: Path) -> Any:
         raise DatasetError(f"{path}: not valid JSON ({exc})") from exc
 
 
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) for every non-blank line of a JSONL file; a missing file or a line that is not
+    JSON raises DatasetError naming the file (and line)."""
+    try:
+        file = open(path, encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{path}: file not found") from exc
+    with file:
+        for number, line in enumerate(file, start=1):
+            if line.strip():
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DatasetError(f"{path}:{number}: not valid JSON ({exc})") from exc
+
+
 def text(value: Any, where: str, name: str, empty_ok: bool = True) -> str:
     """`value` stripped of surrounding white space; DatasetError naming `where` and `name` if it is no string
     (or, unless `empty_ok`, nothing but white space)."""

@@ -14,12 +14,11 @@ height (0..1, y = 0 at the top); `train_vlm.align.target: grid` needs them. Unkn
 
 from __future__ import annotations
 
-import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from vlm.data.dataset_io import DatasetError
-from vlm.data.entry import Entry, Question, Region, box_region, number, require, text
+from vlm.data.entry import Entry, Question, Region, box_region, jsonl_records, number, require, text
 from vlm.data.image_files import ImageFolder
 
 RECORD_FIELDS = ("image", "id", "captions", "questions", "regions")
@@ -35,25 +34,14 @@ def read_manifest(path: Path) -> list[Entry]:
     folder = ImageFolder(path.parent)
     entries: list[Entry] = []
     lines_of: dict[str, int] = {}
-    try:
-        file = open(path, encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise DatasetError(f"{path}: file not found") from exc
-    with file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetError(f"{where}: not valid JSON ({exc})") from exc
-            entry = _entry(record, where, folder)
-            if entry.image_id in lines_of:
-                raise DatasetError(f"{where}: id {entry.image_id!r} was already used on line "
-                                   f"{lines_of[entry.image_id]}; give each record a unique 'id'")
-            lines_of[entry.image_id] = number
-            entries.append(entry)
+    for line, record in jsonl_records(path):
+        where = f"{path}:{line}"
+        entry = _entry(record, where, folder)
+        if entry.image_id in lines_of:
+            raise DatasetError(f"{where}: id {entry.image_id!r} was already used on line "
+                               f"{lines_of[entry.image_id]}; give each record a unique 'id'")
+        lines_of[entry.image_id] = line
+        entries.append(entry)
     return entries
 
 

@@ -19,13 +19,12 @@ carry extras. Every error names the file and the record (its index, or its JSONL
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from vlm.data.dataset_io import DatasetError
-from vlm.data.entry import Entry, Exchange, read_json, require, text
+from vlm.data.entry import Entry, Exchange, jsonl_records, read_json, require, text
 from vlm.data.image_files import ImageFolder
 
 IMAGE_TOKEN = "<image>"
@@ -119,14 +118,4 @@ def _records(path: Path) -> Iterator[tuple[str, Any]]:
                                f"record a line), got a {type(records).__name__}")
         yield from ((f"{path}: [{index}]", record) for index, record in enumerate(records))
         return
-    try:
-        file = open(path, encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise DatasetError(f"{path}: file not found") from exc
-    with file:
-        for number, line in enumerate(file, start=1):
-            if line.strip():
-                try:
-                    yield f"{path}:{number}", json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DatasetError(f"{path}:{number}: not valid JSON ({exc})") from exc
+    yield from ((f"{path}:{number}", record) for number, record in jsonl_records(path))
