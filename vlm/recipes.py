@@ -66,21 +66,11 @@ def _merge(target: CommentedMap, values: dict, prefix: str, changes: list, sourc
         name = f"{prefix}{key}"
         if key not in target:
             raise ParamsError(f"{source}: {name} is not a key of params.yaml; a recipe sets existing params only")
-        if isinstance(value, dict) and isinstance(target[key], dict) and value and not _is_leaf_mapping(name):
-            _merge(target[key], value, f"{name}.", changes, source)
+        if isinstance(value, dict) and isinstance(target[key], dict) and value:
+            _merge(target[key], value, f"{name}.", changes, source)  # in place: a flow-style mapping stays one
         elif _plain(target[key]) != value:
             changes.append((name, _plain(target[key]), value))
-            if isinstance(value, dict) and isinstance(target[key], CommentedMap):
-                flow = target[key].fa.flow_style()
-                target[key] = CommentedMap(value)
-                target[key].fa.set_flow_style() if flow else None
-            else:
-                target[key] = value
-
-
-def _is_leaf_mapping(name: str) -> bool:
-    """Mappings that are one value (set whole), not a section."""
-    return name in ("data.max_images",)
+            target[key] = value
 
 
 def _plain(value: Any) -> Any:
